@@ -1,0 +1,28 @@
+"""Adapt a source SER model to a target domain with MI-Fuse: label → train → evaluate → report.
+
+    python jobs/adapt.py                          # the built-in demo, nothing else needed
+    python jobs/adapt.py --config my_run.yaml     # your target, checkpoint, LALM endpoint
+    ray job submit --working-dir . -- python jobs/adapt.py --output s3://bucket/run
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mifuse_ray.cli import main, parse_config, parser  # noqa: E402
+
+
+def run() -> None:
+    cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
+    from mifuse_ray.api import adapt
+    result = adapt(cfg)
+    if result.report_path:
+        print(f"\nreport: {result.report_path}")
+        for name in ("mifuse_student", "mifuse_ema", "source_only", "lalm_zero_shot", "fused_label"):
+            m = result.results.get("test", {}).get(name)
+            if m:
+                print(f"  {name:16s} test UAR {m['uar']:.3f}  WA {m['wa']:.3f}  F1 {m['macro_f1']:.3f}")
+
+
+if __name__ == "__main__":
+    main(run)

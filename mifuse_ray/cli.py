@@ -1,0 +1,42 @@
+"""What every job shares: config options, logging, and one clear line for user errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, MiFuseConfig, add_config_arguments, config_from_args
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, epilog="Any config field can be set as --section.name VALUE "
+                                "(e.g. --lalm.n_answers 5 --train.epochs 8); see README 'Configuration'.")
+    p.add_argument("--config", help="YAML file with settings (dotted names as nested mappings)")
+    add_config_arguments(p)
+    return p
+
+
+def parse_config(p: argparse.ArgumentParser, argv=None) -> tuple[MiFuseConfig, argparse.Namespace]:
+    args = p.parse_args(argv)
+    return config_from_args(args), args
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .labels import LabelSetMismatch
+    from .lalm.client import LALMAuthError
+    return (ConfigError, LabelSetMismatch, FileNotFoundError, ConnectionError, LALMAuthError, PermissionError)
+
+
+def main(run) -> None:
+    """Run ``run()``; a mistake the user can fix ends in one line, not a traceback."""
+    logging.basicConfig(level=os.environ.get("MIFUSE_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        run()
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished work is reused)", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,322 @@
+"""Typed configuration: one tree of dataclasses, the same dotted names everywhere.
+
+``lalm.n_answers`` is the same key on the command line (``--lalm.n_answers 5``), in YAML
+(``lalm: {n_answers: 5}``) and in a Tune search space (``{"lalm.n_answers": tune.choice(...)}``).
+Defaults run the built-in demo.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .audio import AudioConfig
+from .labels import DEFAULT_LABELS, DEFAULT_SYNONYMS
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot work; the message says what to change."""
+
+
+@dataclass
+class DemoConfig:
+    """The built-in demo: synthetic domains generated on first use."""
+
+    root: str = "demo_data"             # where domains and the demo source model are written
+    source_domain: str = "acted_studio"
+    target_domain: str = "call_centre"
+    scale: float = 1.0                  # clips per speaker multiplier (0.25 for a quick run)
+
+
+@dataclass
+class LALMConfig:
+    """The audio LLM behind an OpenAI-compatible chat-completions endpoint."""
+
+    preset: str = "offline"             # offline | vllm-qwen2-audio | vllm-qwen2.5-omni | openai | gemini
+    base_url: str = ""                  # empty: start the offline stand-in endpoint on loopback
+    model: str = ""                     # empty: the preset's model
+    api_key_env: str = "MIFUSE_LALM_API_KEY"  # name of the environment variable holding the key
+    allow_remote_audio: bool = False    # sending audio to a non-loopback host needs this opt-in
+    n_answers: int = 5                  # N_max answers per clip, all stored
+    temperature: float = 1.0
+    use_n: bool | None = None           # one request with n=N; None: the preset decides
+    logprobs: bool | None = None        # ask for token logprobs; None: the preset decides
+    top_logprobs: int = 10
+    max_tokens: int = 16
+    seed: int = 1234
+    prompt: str = ""                    # empty: the default prompt naming the label set
+    synonyms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYNONYMS))
+    timeout_s: float = 30.0
+    max_retries: int = 5                # per request
+    retry_budget: float = 0.5           # retries allowed, as a fraction of the requests needed
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 20.0
+    concurrency: int = 32               # requests in flight per actor
+    num_actors: int = 1
+    actor_cpus: float = 0.25
+    batch_size: int = 64
+    qps: float = 0.0                    # cluster-wide requests/s (0: unlimited)
+    cache_dir: str = ""                 # empty: <output>/lalm_cache
+    max_requests: int = 0               # hard cap on requests sent by one run (0: none)
+    max_cost_usd: float = 0.0           # hard cap on estimated spend (0: none)
+    usd_per_request: float = 0.0
+    usd_per_audio_minute: float = 0.0
+    dry_run: bool = False               # estimate requests, audio and cost, send nothing
+    budget: float = 1.0                 # clips to ask: a fraction (≤ 1) or a count (> 1)
+    budget_selection: str = "mi_diverse"  # mi_diverse | random
+
+
+@dataclass
+class SourceConfig:
+    """The source classifier as an MC-dropout teacher."""
+
+    checkpoint: str = ""                # empty: the demo source model (trained if missing)
+    mc_passes: int = 10                 # K_max passes, all stored
+    mc_scope: str = "full"              # full | head (see README)
+    dropout_override: float | None = None
+    seed: int = 4321
+    batch_size: int = 32
+    num_actors: int = 1
+    actor_cpus: float = 0.5
+    num_gpus: float = 0.0               # per actor
+    amp: bool = True                    # bf16 autocast on GPU
+
+
+@dataclass
+class FusionConfig:
+    """How stored draws become the soft label q (re-run per Tune trial, never re-querying)."""
+
+    lalm_answers: int = 0               # N ≤ N_max used (0: all)
+    source_passes: int = 0              # K ≤ K_max used (0: all)
+    uncertainty: str = "vote_entropy"   # vote_entropy | mi | entropy
+    weighting: str = "exp"              # exp | inverse | fixed
+    tau: float = 0.5
+    eps: float = 1e-6
+    fixed_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    sharpen_temperature: float = 1.0
+    min_confidence: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Student adaptation (Ray Train)."""
+
+    mode: str = "mifuse"                # mifuse | lalm_only | source_only | equal_weights | no_ema | shot_im
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.1
+    grad_clip: float = 5.0
+    lambda_div: float = 1.0
+    prior: str = "uniform"              # uniform | q_mean
+    ema_decay: float = 0.995
+    ema_half_life_epochs: float = 0.0   # > 0 overrides ema_decay
+    refuse_from_epoch: int = 2          # from this epoch the EMA model is the auxiliary teacher
+    ema_mc_passes: int = 4
+    ema_mc_scope: str = "head"
+    select_metric: str = "dev_uar"      # chosen on the dev split, never test
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    amp: bool = True
+    max_failures: int = 2
+    seed: int = 0
+    augment: bool = True
+    noise_snr_db: tuple[float, float] = (10.0, 30.0)
+    gain_db: float = 6.0
+    max_shift_s: float = 0.2
+    speed_range: tuple[float, float] = (0.9, 1.1)
+
+
+@dataclass
+class SourceTrainConfig:
+    """Training the source classifier (jobs/train_source.py)."""
+
+    epochs: int = 25
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass
+class MiFuseConfig:
+    """The whole adaptation run."""
+
+    output: str = "outputs/demo"
+    ray_address: str = ""               # empty: RAY_ADDRESS or a local cluster
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    target: str = ""                    # manifest .parquet or folder or URI; empty: the demo target
+    adapt_split: str = "adapt"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    source_manifest: str = ""           # only for training a source model
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    lalm: LALMConfig = field(default_factory=LALMConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source_train: SourceTrainConfig = field(default_factory=SourceTrainConfig)
+    baselines: bool = False             # also train the baseline students for the report
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if tp in (int, float):
+        try:
+            result = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return result
+    if tp is str:
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        items = [_coerce(v, args[0], key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        return dict(value)
+    return value
+
+
+def _set_path(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        obj = getattr(obj, part)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    tp = _field_types(type(obj))[name]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: expected a mapping")
+        for k, v in value.items():
+            _set_path(cfg, f"{dotted}.{k}", v)
+        return
+    setattr(obj, name, _coerce(value, tp, dotted))
+
+
+def apply_overrides(cfg: MiFuseConfig, overrides: dict[str, Any]) -> MiFuseConfig:
+    """Apply {dotted.key: value} (from CLI, YAML or a Tune trial) in place and validate."""
+    for key, value in overrides.items():
+        _set_path(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("synonyms",):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return flatten(data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: MiFuseConfig) -> None:
+    from .fusion import UNCERTAINTIES, WEIGHTINGS
+    from .models.predict import SCOPES
+    checks = [
+        (cfg.lalm.n_answers >= 1, "lalm.n_answers must be ≥ 1"),
+        (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),
+        (cfg.source.mc_passes >= 1, "source.mc_passes must be ≥ 1"),
+        (cfg.source.mc_scope in SCOPES, f"source.mc_scope must be one of {SCOPES}"),
+        (cfg.train.ema_mc_scope in SCOPES, f"train.ema_mc_scope must be one of {SCOPES}"),
+        (0 <= cfg.fusion.lalm_answers <= cfg.lalm.n_answers,
+         "fusion.lalm_answers must be between 0 (all) and lalm.n_answers"),
+        (0 <= cfg.fusion.source_passes <= cfg.source.mc_passes,
+         "fusion.source_passes must be between 0 (all) and source.mc_passes"),
+        (cfg.fusion.uncertainty in UNCERTAINTIES, f"fusion.uncertainty must be one of {UNCERTAINTIES}"),
+        (cfg.fusion.weighting in WEIGHTINGS, f"fusion.weighting must be one of {WEIGHTINGS}"),
+        (cfg.fusion.tau > 0, "fusion.tau must be > 0"),
+        (cfg.train.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}"),
+        (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (cfg.train.prior in ("uniform", "q_mean"), "train.prior must be 'uniform' or 'q_mean'"),
+        (cfg.audio.long_audio in ("reject", "split"), "audio.long_audio must be 'reject' or 'split'"),
+        (len(cfg.labels) >= 2 and len(set(cfg.labels)) == len(cfg.labels), "labels must be ≥ 2 distinct names"),
+        (cfg.lalm.budget > 0, "lalm.budget must be > 0 (a fraction ≤ 1 or a count)"),
+        (cfg.lalm.budget_selection in ("mi_diverse", "random"), "lalm.budget_selection must be mi_diverse or random"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+TRAIN_MODES = ("mifuse", "lalm_only", "source_only", "equal_weights", "no_ema", "shot_im")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=MiFuseConfig, prefix: str = "") -> None:
+    """One ``--dotted.name`` option per config field, all defaulting to 'not given'."""
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_config_arguments(parser, tp, f"{prefix}{f.name}.")
+        else:
+            parser.add_argument(f"--{prefix}{f.name}", dest=f"cfg:{prefix}{f.name}", default=None,
+                                metavar=getattr(tp, "__name__", "VALUE").upper(), help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace, base: MiFuseConfig | None = None) -> MiFuseConfig:
+    """Defaults, then the YAML file (``--config``), then ``--dotted.key`` options."""
+    cfg = base or MiFuseConfig()
+    overrides: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        overrides.update(load_yaml(args.config))
+    overrides.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None})
+    return apply_overrides(cfg, overrides)

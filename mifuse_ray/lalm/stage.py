@@ -1,0 +1,86 @@
+"""The LALM teacher as a Ray Data stage: an actor pool whose async ``__call__`` fans out a
+whole batch's requests at once (bounded by the per-actor concurrency and the cluster-wide
+rate limit), caching every answer as it arrives."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pandas as pd
+
+from ..audio import encode_wav
+from ..config import LALMConfig
+from .cache import ResponseCache
+from .client import LALMClient, SpendCapReached, resolve
+from .limits import RateLimiter
+
+LIMITER_ACTOR = "mifuse_lalm_limiter"
+
+OUTPUT_COLUMNS = ("lalm_votes", "lalm_soft", "lalm_raw", "lalm_reasons", "lalm_requests", "lalm_cache_hits",
+                  "lalm_latency_s", "lalm_error")
+
+
+class LALMStage:
+    def __init__(self, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
+                 limiter_actor: str = "", max_requests: int = 0):
+        # The API key is read from this process's environment here, never pickled with the stage.
+        self.lalm = resolve(cfg, labels, base_url)
+        self.cfg, self.labels, self.sample_rate = cfg, list(labels), sample_rate
+        self.cache = ResponseCache(cache_dir) if cache_dir else None
+        self.limiter_actor, self.max_requests = limiter_actor, max_requests
+        self.client: LALMClient | None = None
+        self._client_lock = None
+
+    async def _client(self) -> LALMClient:
+        if self.client is None:
+            actor = None
+            if self.limiter_actor:
+                import ray
+                actor = ray.get_actor(self.limiter_actor)
+            limiter = RateLimiter(self.cfg.qps, self.max_requests, actor=actor)
+            self.client = await LALMClient(self.lalm, self.cache, limiter).__aenter__()
+        return self.client
+
+    async def ask_batch(self, batch: pd.DataFrame) -> pd.DataFrame:
+        client = await self._client()
+        n, C = self.cfg.n_answers, len(self.labels)
+        ask = batch["ask_lalm"].to_numpy(bool) if "ask_lalm" in batch.columns else np.ones(len(batch), bool)
+        ok = batch["error"].isna().to_numpy() & ask
+
+        async def one(i):
+            try:
+                return await client.ask(encode_wav(batch["audio"].iloc[i], self.sample_rate), n)
+            except SpendCapReached as exc:
+                return exc
+        idx = np.flatnonzero(ok)
+        results = await asyncio.gather(*(one(i) for i in idx))
+        cols = {c: [None] * len(batch) for c in OUTPUT_COLUMNS}
+        cols["lalm_requests"] = [0] * len(batch)
+        cols["lalm_cache_hits"] = [0] * len(batch)
+        cols["lalm_latency_s"] = [0.0] * len(batch)
+        for i in range(len(batch)):
+            if not ok[i]:
+                cols["lalm_votes"][i] = [-1] * n
+                cols["lalm_soft"][i] = [[float("nan")] * C] * n
+                cols["lalm_error"][i] = "not_selected_for_lalm" if batch["error"].isna().iloc[i] else None
+        for i, res in zip(idx, results):
+            if isinstance(res, SpendCapReached):
+                cols["lalm_votes"][i] = [-1] * n
+                cols["lalm_soft"][i] = [[float("nan")] * C] * n
+                cols["lalm_error"][i] = "spend_cap_reached"
+                continue
+            cols["lalm_votes"][i] = res.votes
+            cols["lalm_soft"][i] = [s if s is not None else [float("nan")] * C for s in res.soft]
+            cols["lalm_raw"][i] = [r if r is not None else "" for r in res.raw]
+            cols["lalm_reasons"][i] = [r or "" for r in res.reasons]
+            cols["lalm_requests"][i] = res.requests
+            cols["lalm_cache_hits"][i] = res.cache_hits
+            cols["lalm_latency_s"][i] = res.latency_s
+            cols["lalm_error"][i] = res.error
+        out = batch.drop(columns=[c for c in ("audio",) if c in batch.columns]).copy()
+        for c, v in cols.items():
+            out[c] = v
+        return out
+
+    async def __call__(self, batch: pd.DataFrame):
+        yield await self.ask_batch(batch)

@@ -1,0 +1,112 @@
+"""One interface for every SER model the stages use, and self-describing checkpoints.
+
+A model maps a batch of 16 kHz waveforms with their lengths to logits, and splits into a
+deterministic ``trunk`` and a stochastic ``head`` so that MC-dropout can run the trunk once
+and sample only the head (``head`` scope) — or repeat the whole network (``full`` scope).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..labels import DEFAULT_LABELS
+
+CHECKPOINT_META = "mifuse_model.json"
+
+
+class SERModel(nn.Module):
+    """Base class: subclasses implement ``trunk`` and ``head`` and say how to (re)build themselves."""
+
+    arch: str = "base"
+
+    def __init__(self, labels=DEFAULT_LABELS, sample_rate: int = 16000):
+        super().__init__()
+        self.labels = list(labels)
+        self.sample_rate = sample_rate
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def trunk(self, wav: torch.Tensor, lengths: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def head(self, features: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, features: Any) -> torch.Tensor:
+        """A fixed-size clip embedding from trunk features (for diversity-aware selection)."""
+        raise NotImplementedError
+
+    def head_modules(self) -> list[nn.Module]:
+        """Dropout modules that act inside ``head``: the ones sampled in ``head`` scope."""
+        from .mc import dropout_modules
+        return dropout_modules(self.head_module())
+
+    def head_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(wav, lengths))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def arch_config(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, directory: str, extra: dict | None = None) -> None:
+        raise NotImplementedError
+
+
+def repeat_features(features: Any, k: int) -> Any:
+    """Repeat trunk features K times along the batch, clip-major (row b*K + k)."""
+    if isinstance(features, torch.Tensor):
+        return features.repeat_interleave(k, dim=0)
+    if isinstance(features, (tuple, list)):
+        return type(features)(repeat_features(f, k) for f in features)
+    if isinstance(features, dict):
+        return {key: repeat_features(v, k) for key, v in features.items()}
+    raise TypeError(f"cannot repeat features of type {type(features)}")
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CHECKPOINT_META), "w") as fh:
+        json.dump(meta, fh, indent=2)
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, CHECKPOINT_META)
+    if not os.path.exists(path):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"checkpoint not found: {directory}")
+        if os.path.exists(os.path.join(directory, "config.json")):
+            return {"arch": "hf"}  # a plain transformers directory
+        raise FileNotFoundError(f"{directory} is not a model checkpoint (no {CHECKPOINT_META} or config.json)")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_model(directory: str, dropout_override: float | None = None, labels=None) -> SERModel:
+    """Load any checkpoint this project writes (or a transformers audio classifier directory)."""
+    meta = read_meta(directory)
+    if meta["arch"] == "cnn":
+        from .cnn import LogMelCNN
+        model = LogMelCNN.load(directory, meta)
+    elif meta["arch"] == "hf":
+        from .hf import HFAudioClassifier
+        model = HFAudioClassifier.load(directory, meta, labels=labels)
+    else:
+        raise ValueError(f"unknown model arch {meta['arch']!r} in {directory}")
+    if dropout_override is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout_override
+    return model
+
+
+def save_model(model: SERModel, directory: str, extra: dict | None = None) -> None:
+    model.save(directory, extra)

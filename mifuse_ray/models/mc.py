@@ -1,0 +1,95 @@
+"""Monte-Carlo dropout with per-(clip, pass) seeds.
+
+Only ``nn.Dropout`` modules are made stochastic; normalisation stays in eval mode (and
+``transformers`` models keep SpecAugment and LayerDrop off, which ``model.train()`` would
+switch on). Masks come from a counter-based hash of (row seed, layer, element), so a clip's
+pass k gets the same mask whatever batch it sits in, on CPU or GPU, batched or looped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from torch import nn
+
+_M1 = -49064778989728563     # 0xff51afd7ed558ccd as a signed int64
+_M2 = -4265267296055464877   # 0xc4ceb9fe1a85ec53 as a signed int64
+_LOW31 = (1 << 31) - 1
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 64-bit finaliser on int64 tensors (wrapping multiply, logical shifts)."""
+    x = x ^ ((x >> 33) & _LOW31)
+    x = x * _M1
+    x = x ^ ((x >> 33) & _LOW31)
+    x = x * _M2
+    return x ^ ((x >> 33) & _LOW31)
+
+
+def hashed_uniform(row_seeds: torch.Tensor, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform [0, 1) numbers of shape (rows, *shape), a pure function of (row seed, layer, index)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    idx = torch.arange(numel, device=row_seeds.device, dtype=torch.int64)
+    x = _mix64(row_seeds[:, None] * 1000003 + layer * 7919) ^ idx[None, :]
+    x = _mix64(x)
+    u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+    return u.to(torch.float32).reshape(len(row_seeds), *shape)
+
+
+def mc_seed(base_seed: int, clip_id: str, pass_index: int) -> int:
+    """A 62-bit seed for one (clip, MC pass), stable across processes and machines."""
+    digest = hashlib.blake2b(f"{base_seed}|{clip_id}|{pass_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def mc_seeds(base_seed: int, clip_ids, passes: int) -> torch.Tensor:
+    """(B, K) int64 seeds, clip-major."""
+    return torch.tensor([[mc_seed(base_seed, c, k) for k in range(passes)] for c in clip_ids], dtype=torch.int64)
+
+
+class _SeededDropoutState:
+    def __init__(self):
+        self.row_seeds: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def mc_dropout(model: nn.Module, row_seeds: torch.Tensor | None, p_override: float | None = None,
+               modules: list[nn.Module] | None = None):
+    """Inside the block the model's ``nn.Dropout`` modules sample seeded masks; all else is eval.
+
+    ``row_seeds`` (one per batch row) fix each row's masks; ``None`` leaves dropout off, which
+    gives the deterministic prediction. ``modules`` restricts MC to a subset (head scope).
+    """
+    was_training = model.training
+    model.eval()
+    targets = modules if modules is not None else [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    saved = []
+    try:
+        if row_seeds is not None:
+            for layer, module in enumerate(targets):
+                p = module.p if p_override is None else p_override
+                saved.append((module, module.forward))
+                module.forward = _seeded_forward(p, layer, row_seeds)
+        yield
+    finally:
+        for module, forward in saved:
+            module.forward = forward
+        model.train(was_training)
+
+
+def _seeded_forward(p: float, layer: int, row_seeds: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if p <= 0.0:
+            return x
+        if x.shape[0] != len(row_seeds):
+            raise RuntimeError(f"MC dropout got {x.shape[0]} rows but {len(row_seeds)} seeds")
+        keep = hashed_uniform(row_seeds.to(x.device), layer, tuple(x.shape[1:])) >= p
+        return x * keep.to(x.dtype) / (1.0 - p)
+    return forward
+
+
+def dropout_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.Dropout)]

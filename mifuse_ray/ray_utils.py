@@ -1,0 +1,29 @@
+"""Connecting to Ray the same way from every entry point."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str = "", logical_cpus: int | None = None) -> None:
+    """Join the given cluster (or $RAY_ADDRESS, as under ``ray job submit``); else start a local one.
+
+    A local cluster declares more logical CPUs than cores: on a 2-core machine, actors, Train
+    workers and read tasks asking for whole CPUs would otherwise starve one another.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    quiet = dict(log_to_driver=True, logging_level=logging.WARNING, include_dashboard=False)
+    if address:
+        quiet.pop("include_dashboard")
+        ray.init(address=address, **quiet)
+    else:
+        cpus = logical_cpus or max(8, 4 * (os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=cpus, **quiet)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True

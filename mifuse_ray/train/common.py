@@ -1,0 +1,102 @@
+"""Pieces shared by the source and student training loops (both run inside Ray Train workers)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import pad_batch
+from ..metrics import confusion_matrix
+
+
+def device_for_worker() -> torch.device:
+    import ray.train.torch
+    return ray.train.torch.get_device()
+
+
+def crop_batch(audio_list, crop_len: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops (training) or centre crops (rng=None) of at most crop_len samples."""
+    clipped = []
+    for a in audio_list:
+        if len(a) > crop_len:
+            start = (len(a) - crop_len) // 2 if rng is None else int(rng.integers(0, len(a) - crop_len + 1))
+            a = a[start:start + crop_len]
+        clipped.append(a)
+    wav, lengths = pad_batch(clipped, crop_len)
+    return torch.from_numpy(wav), torch.from_numpy(lengths)
+
+
+def augment(wav: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, noise_snr_db=(10.0, 30.0),
+            gain_db: float = 6.0, max_shift: int = 0, speed_range=(1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waveform augmentation: speed/pitch (resampling), time shift, gain, additive noise."""
+    B, L = wav.shape
+    if speed_range[0] != 1.0 or speed_range[1] != 1.0:
+        speed = float(torch.empty(1).uniform_(*speed_range, generator=gen))
+        new_len = max(16, int(round(L / speed)))
+        wav = F.interpolate(wav[:, None], size=new_len, mode="linear", align_corners=False)[:, 0]
+        lengths = torch.clamp((lengths.float() / speed).round().long(), 1, new_len)
+        wav = wav[:, :L] if new_len >= L else F.pad(wav, (0, L - new_len))
+        lengths = lengths.clamp(max=L)
+    if max_shift > 0:
+        shifts = torch.randint(-max_shift, max_shift + 1, (B,), generator=gen)
+        wav = torch.stack([torch.roll(w, int(s)) for w, s in zip(wav, shifts)])
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
+    gains = 10 ** (torch.empty(B, 1).uniform_(-gain_db, gain_db, generator=gen) / 20)
+    wav = wav * gains
+    power = (wav ** 2 * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+    snr = torch.empty(B, 1).uniform_(*noise_snr_db, generator=gen)
+    noise = torch.randn(wav.shape, generator=gen) * torch.sqrt(power / 10 ** (snr / 10))
+    return (wav + noise * mask).clamp(-1, 1), lengths
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_frac: float):
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def all_reduce_sum(array: np.ndarray) -> np.ndarray:
+    """Sum a numpy array over DDP ranks (identity with one worker)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return array
+    t = torch.as_tensor(array, dtype=torch.float64, device=_dist_device())
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def _dist_device() -> torch.device:
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_batches(model, batches, device, crop_len: int | None = None):
+    """(labels, predictions, probabilities) for batches of {'audio', 'label_index'} rows."""
+    model.eval()
+    ys, preds, probs = [], [], []
+    for batch in batches:
+        wav, lengths = pad_batch(list(batch["audio"]), crop_len)
+        logits = model(torch.from_numpy(wav).to(device), torch.from_numpy(lengths).to(device))
+        p = torch.softmax(logits.float(), -1).cpu().numpy()
+        probs.append(p)
+        preds.append(p.argmax(1))
+        ys.append(np.asarray(batch["label_index"]))
+    if not ys:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0))
+    return np.concatenate(ys), np.concatenate(preds), np.concatenate(probs)
+
+
+def evaluate_shard(model, shard, device, num_classes: int, batch_size: int = 64) -> np.ndarray:
+    """Confusion matrix over this worker's shard of a labelled split, summed over all ranks."""
+    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy") if shard is not None else []
+    y, p, _ = predict_batches(model, batches, device)
+    cm = confusion_matrix(y, p, num_classes) if len(y) else np.zeros((num_classes, num_classes))
+    return all_reduce_sum(cm.astype(np.float64)).astype(np.int64)

@@ -1,0 +1,38 @@
+"""Student losses (METHOD.md §2) as pure tensor functions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_label_kl(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Tensor) -> torch.Tensor:
+    """(1/Σc) Σ c(x) KL(q(x) || p_θ(x)); rows with c = 0 (or no valid q) do not count."""
+    logp = F.log_softmax(logits.float(), -1)
+    q = torch.nan_to_num(q.float(), nan=0.0)
+    kl = (torch.where(q > 0, q * (torch.log(q.clamp_min(1e-12)) - logp), torch.zeros_like(q))).sum(-1)
+    total = clip_weight.sum()
+    return (clip_weight * kl).sum() / total.clamp_min(1e-8)
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over DDP ranks that keeps the local gradient path (other ranks enter as constants)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    summed = x.detach().clone()
+    dist.all_reduce(summed)
+    return (summed - x.detach() + x) / dist.get_world_size()
+
+
+def diversity_kl(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(p̂ || π), p̂ the mean prediction over the global batch."""
+    p_hat = global_mean(probs.float().mean(0))
+    return (p_hat * (torch.log(p_hat.clamp_min(1e-12)) - torch.log(prior.clamp_min(1e-12)))).sum()
+
+
+def information_maximization(logits: torch.Tensor) -> torch.Tensor:
+    """SHOT-IM: mean per-clip entropy minus the entropy of the mean prediction."""
+    p = F.softmax(logits.float(), -1)
+    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    p_hat = global_mean(p.mean(0))
+    return ent + (p_hat * torch.log(p_hat.clamp_min(1e-12))).sum()

@@ -1,0 +1,113 @@
+"""Training the source classifier with Ray Train (what a user with a source corpus runs once)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..audio import list_inputs
+from ..config import MiFuseConfig
+from ..metrics import uar_from_confusion, wa_from_confusion
+from .common import augment, crop_batch, device_for_worker, evaluate_shard, warmup_cosine
+
+
+def _source_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from ..models.cnn import LogMelCNN
+
+    torch.manual_seed(config["seed"])
+    rank = ray.train.get_context().get_world_rank()
+    rng = np.random.default_rng([config["seed"], rank])
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    device = device_for_worker()
+    model = LogMelCNN(labels=config["labels"], sample_rate=config["sample_rate"])
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    train_shard = ray.train.get_dataset_shard("train")
+    dev_shard = ray.train.get_dataset_shard("dev")
+    steps_per_epoch = max(1, config["n_train"] // (config["batch_size"] * config["world_size"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = warmup_cosine(opt, steps_per_epoch * config["epochs"], 0.1)
+    best = -1.0
+    for epoch in range(config["epochs"]):
+        model.train()
+        losses = []
+        for batch in train_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
+                                              local_shuffle_buffer_size=256, local_shuffle_seed=epoch):
+            wav, lengths = crop_batch(list(batch["audio"]), config["crop_len"], rng)
+            wav, lengths = augment(wav, lengths, gen, noise_snr_db=(20.0, 40.0), gain_db=3.0,
+                                   max_shift=config["sample_rate"] // 10)
+            y = torch.as_tensor(batch["label_index"], dtype=torch.long, device=device)
+            loss = F.cross_entropy(model(wav.to(device), lengths.to(device)), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        cm = evaluate_shard(core, dev_shard, device, core.num_classes)
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "dev_uar": uar_from_confusion(cm), "dev_wa": wa_from_confusion(cm)}
+        improved = metrics["dev_uar"] > best
+        best = max(best, metrics["dev_uar"])
+        if rank == 0 and improved:
+            with tempfile.TemporaryDirectory() as tmp:
+                core.save(tmp, {"trained_on": config["trained_on"], "dev_uar": metrics["dev_uar"]})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def labelled_split(manifest: str, split: str, labels) -> pd.DataFrame:
+    df = list_inputs(manifest, split=split)
+    df = df[df["label"].notna()].reset_index(drop=True)
+    unknown = sorted(set(df["label"]) - set(labels))
+    if unknown:
+        raise ValueError(f"{manifest} split {split!r} has labels {unknown} not in the label set {list(labels)}")
+    df["label_index"] = [list(labels).index(label) for label in df["label"]]
+    return df
+
+
+def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("test",)) -> dict:
+    """Train on the manifest's ``train`` split, select on ``dev``, write the checkpoint to out_dir."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ..data import drop_errors, read_decoded
+
+    st = cfg.source_train
+    start = time.time()
+    train_df = labelled_split(manifest, "train", cfg.labels)
+    dev_df = labelled_split(manifest, "dev", cfg.labels)
+    if train_df.empty or dev_df.empty:
+        raise ValueError(f"{manifest} needs labelled 'train' and 'dev' splits to train a source model")
+    datasets = {"train": drop_errors(read_decoded(train_df, cfg.audio)).materialize(),
+                "dev": drop_errors(read_decoded(dev_df, cfg.audio)).materialize()}
+    loop_cfg = dict(labels=list(cfg.labels), sample_rate=cfg.audio.sample_rate, seed=st.seed, lr=st.lr,
+                    weight_decay=st.weight_decay, epochs=st.epochs, batch_size=st.batch_size,
+                    crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(train_df),
+                    world_size=st.num_workers, trained_on=os.path.abspath(manifest))
+    storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    trainer = TorchTrainer(
+        _source_loop, train_loop_config=loop_cfg, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=st.num_workers, use_gpu=st.use_gpu,
+                                               resources_per_worker={"CPU": st.cpus_per_worker}),
+        run_config=ray.train.RunConfig(storage_path=storage, name="source",
+                                       checkpoint_config=ray.train.CheckpointConfig(
+                                           num_to_keep=1, checkpoint_score_attribute="dev_uar",
+                                           checkpoint_score_order="max")))
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="dev_uar", mode="max") or result.checkpoint
+    with best.as_directory() as ckpt_dir:
+        model_dir = os.path.join(out_dir, "model")
+        if os.path.exists(model_dir):
+            shutil.rmtree(model_dir)
+        shutil.copytree(ckpt_dir, model_dir)
+    return {"train_seconds": time.time() - start, "checkpoint": model_dir,
+            "best_dev_uar": max((m["dev_uar"] for _, m in result.best_checkpoints), default=None)}
