@@ -70,7 +70,7 @@ class DecodeAudio:
                 errors.append(f"unreadable: {type(exc).__name__}: {str(exc)[:120]}")
         batch = batch.copy()
         batch["audio"] = audio
-        batch["error"] = errors
+        batch["error"] = pd.Series(errors, index=batch.index, dtype=object)
         return batch
 
 

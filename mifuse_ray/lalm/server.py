@@ -133,10 +133,9 @@ class StandinLALM:
     # -- handlers --------------------------------------------------------------------
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
-        if self.cfg.api_key and request.headers.get("Authorization", "") != f"Bearer {self.cfg.api_key}":
-            self.stats["rejected_auth"] += 1
-            return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                                                "code": "invalid_api_key"}}, status=401)
+        denied = self._check_key(request)
+        if denied is not None:
+            return denied
         if self._rate_limited():
             self.stats["rate_limited"] += 1
             return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit_error"}},
@@ -194,7 +193,17 @@ class StandinLALM:
             "model": body.get("model", MODEL_NAME), "choices": choices,
             "usage": {"prompt_tokens": 100, "completion_tokens": 4 * n, "total_tokens": 100 + 4 * n}})
 
+    def _check_key(self, request: web.Request) -> web.Response | None:
+        if self.cfg.api_key and request.headers.get("Authorization", "") != f"Bearer {self.cfg.api_key}":
+            self.stats["rejected_auth"] += 1
+            return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
+        return None
+
     async def models(self, request: web.Request) -> web.Response:
+        denied = self._check_key(request)
+        if denied is not None:
+            return denied
         return web.json_response({"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": "mifuse"}]})
 
     async def get_stats(self, request: web.Request) -> web.Response:

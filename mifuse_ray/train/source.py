@@ -44,14 +44,14 @@ def _source_loop(config: dict) -> None:
             wav, lengths = crop_batch(list(batch["audio"]), config["crop_len"], rng)
             wav, lengths = augment(wav, lengths, gen, noise_snr_db=(20.0, 40.0), gain_db=3.0,
                                    max_shift=config["sample_rate"] // 10)
-            y = torch.as_tensor(batch["label_index"], dtype=torch.long, device=device)
+            y = torch.tensor(np.asarray(batch["label_index"]), dtype=torch.long, device=device)
             loss = F.cross_entropy(model(wav.to(device), lengths.to(device)), y)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         cm = evaluate_shard(core, dev_shard, device, core.num_classes)
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "dev_uar": uar_from_confusion(cm), "dev_wa": wa_from_confusion(cm)}

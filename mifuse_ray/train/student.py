@@ -121,8 +121,8 @@ def _student_loop(config: dict) -> None:
             if config["augment"]:
                 wav, lengths = augment(wav, lengths, gen, config["noise_snr_db"], config["gain_db"],
                                        config["max_shift"], config["speed_range"])
-            q = torch.as_tensor(batch["q"], dtype=torch.float32, device=device)
-            c = torch.as_tensor(batch["clip_weight"], dtype=torch.float32, device=device)
+            q = torch.tensor(np.asarray(batch["q"]), dtype=torch.float32, device=device)
+            c = torch.tensor(np.asarray(batch["clip_weight"]), dtype=torch.float32, device=device)
             if refuse:
                 q, c, w, src = _ema_refused_q(ema.model, clean_wav, clean_len, list(batch["clip_id"]), batch,
                                               config, step, device)
@@ -145,9 +145,9 @@ def _student_loop(config: dict) -> None:
             sched.step()
             ema.update(student, step)
             step += 1
-            sums["loss"] += float(loss)
-            sums["kl"] += float(kl)
-            sums["div"] += float(div)
+            sums["loss"] += float(loss.detach())
+            sums["kl"] += float(kl.detach())
+            sums["div"] += float(div.detach())
             sums["n"] += 1
         n = max(sums.pop("n"), 1)
         cm_student = evaluate_shard(student, dev_shard, device, student.num_classes)

@@ -1,0 +1,101 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from mifuse_ray.audio import (EMPTY, MISSING_FILE, NON_FINITE, RATE_TOO_LOW, SILENT, TOO_LONG, UNREADABLE,
+                              AudioConfig, AudioError, crop_or_pad, list_inputs, load_audio, probe)
+from mifuse_ray.data import decode_locally, expand_segments
+
+SR = 16000
+
+
+def tone(seconds=1.0, sr=SR, amp=0.3):
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    """A target folder with every kind of bad (and awkward but fine) input."""
+    d = tmp_path / "target"
+    d.mkdir()
+    sf.write(d / "good.wav", tone(), SR)
+    sf.write(d / "rate8k.wav", tone(sr=8000), 8000)
+    sf.write(d / "stereo.wav", np.stack([tone(), tone()], 1), SR)
+    sf.write(d / "pcm24.wav", tone(), SR, subtype="PCM_24")
+    sf.write(d / "flac_named.wav", tone(), SR, format="FLAC")          # wrong extension, real audio
+    sf.write(d / "rate4k.wav", tone(sr=4000), 4000)
+    sf.write(d / "silent.wav", np.zeros(SR, np.float32), SR)
+    nan = tone()
+    nan[100:200] = np.nan
+    sf.write(d / "nan.wav", nan, SR, subtype="FLOAT")
+    full = (d / "good.wav").read_bytes()
+    (d / "truncated.wav").write_bytes(full[:30])
+    (d / "zero.wav").write_bytes(b"")
+    (d / "notes.txt").write_text("this is not audio")
+    with sf.SoundFile(d / "hour.wav", "w", SR, 1, subtype="PCM_16") as fh:   # an hour, written in chunks
+        chunk = np.zeros(SR * 60, np.float32)
+        for _ in range(60):
+            fh.write(chunk)
+    return d
+
+
+EXPECTED = {"good.wav": None, "rate8k.wav": None, "stereo.wav": None, "pcm24.wav": None, "flac_named.wav": None,
+            "rate4k.wav": RATE_TOO_LOW, "silent.wav": SILENT, "nan.wav": NON_FINITE, "truncated.wav": UNREADABLE,
+            "zero.wav": UNREADABLE, "notes.txt": UNREADABLE, "hour.wav": TOO_LONG}
+
+
+def test_each_bad_input_gets_its_reason(bad_folder):
+    df = list_inputs(str(bad_folder))
+    assert sorted(df["clip_id"]) == sorted(EXPECTED)
+    out = decode_locally(df, AudioConfig(max_duration_s=60))
+    for rec in out.to_dict("records"):
+        want = EXPECTED[rec["clip_id"]]
+        if want is None:
+            assert pd.isna(rec["error"]), rec
+            assert rec["audio"].dtype == np.float32 and rec["audio"].ndim == 1
+            assert abs(len(rec["audio"]) - SR) <= 2          # resampled to 16 kHz, mono
+        else:
+            assert not pd.isna(rec["error"]) and rec["error"].startswith(want), (rec["clip_id"], rec["error"])
+
+
+def test_missing_file_and_reason_carries_clip_id(tmp_path):
+    with pytest.raises(AudioError) as err:
+        load_audio(str(tmp_path / "nope.wav"), AudioConfig(), clip_id="clip-7")
+    assert err.value.reason == MISSING_FILE and err.value.clip_id == "clip-7"
+
+
+def test_too_long_is_decided_from_the_header_and_can_be_split(bad_folder):
+    info = probe(str(bad_folder / "hour.wav"))
+    assert info.duration_s == pytest.approx(3600)
+    cfg = AudioConfig(max_duration_s=60, long_audio="split", window_s=600)
+    df = list_inputs(str(bad_folder))
+    rows = expand_segments(df[df.clip_id == "hour.wav"], cfg)
+    assert len(rows) == 6 and rows["clip_id"].iloc[1] == "hour.wav#00001"
+    assert (rows["parent_id"] == "hour.wav").all()
+
+
+def test_short_file_is_empty(tmp_path):
+    sf.write(tmp_path / "blip.wav", tone(0.01), SR)
+    with pytest.raises(AudioError) as err:
+        load_audio(str(tmp_path / "blip.wav"), AudioConfig())
+    assert err.value.reason == EMPTY
+
+
+def test_manifest_relative_paths_and_split(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(), SR)
+    pd.DataFrame({"clip_id": ["a", "b"], "path": ["a.wav", "b.wav"], "split": ["adapt", "test"],
+                  "label": [None, "sad"]}).to_parquet(tmp_path / "m.parquet")
+    df = list_inputs(str(tmp_path / "m.parquet"), split="adapt")
+    assert list(df["clip_id"]) == ["a"] and os.path.isabs(df["path"][0])
+    with pytest.raises(FileNotFoundError):
+        list_inputs(str(tmp_path / "missing.parquet"))
+
+
+def test_crop_or_pad():
+    x = np.arange(10, dtype=np.float32)
+    assert len(crop_or_pad(x, 4)) == 4 and crop_or_pad(x, 4)[0] == 3
+    assert crop_or_pad(x, 12)[-1] == 0

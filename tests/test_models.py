@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from mifuse_ray.models.base import load_model
+from mifuse_ray.models.cnn import LogMelCNN
+from mifuse_ray.models.mc import mc_seeds
+from mifuse_ray.models.predict import mc_predict
+from mifuse_ray.source_stage import SourceTeacherStage
+
+
+def batch(n=3, seconds=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wav = 0.1 * torch.randn(n, int(16000 * seconds), generator=g)
+    lengths = torch.tensor([wav.shape[1] - 800 * i for i in range(n)])
+    return wav, lengths
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A randomly initialised wav2vec2-style classifier saved like a real checkpoint."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
+                         num_labels=4, hidden_dropout=0.1, activation_dropout=0.1, final_dropout=0.1,
+                         mask_time_prob=0.5, layerdrop=0.5,
+                         id2label={0: "neutral", 1: "happy", 2: "angry", 3: "sad"},
+                         label2id={"neutral": 0, "happy": 1, "angry": 2, "sad": 3})
+    torch.manual_seed(0)
+    Wav2Vec2ForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def test_hf_wrapper_loads_from_local_directory_and_round_trips(tiny_hf_dir, tmp_path):
+    model = load_model(tiny_hf_dir)
+    assert model.labels == ["neutral", "happy", "angry", "sad"]
+    wav, lengths = batch()
+    with torch.no_grad():
+        a = model(wav, lengths)
+        b = model(wav, lengths)   # eval: no SpecAugment, no LayerDrop → deterministic
+    torch.testing.assert_close(a, b)
+    model.save(str(tmp_path / "saved"))
+    again = load_model(str(tmp_path / "saved"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav, lengths), a)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "hf"])
+def test_mc_dropout_passes_differ_when_on_and_match_when_off(kind, tiny_hf_dir):
+    model = LogMelCNN() if kind == "cnn" else load_model(tiny_hf_dir)
+    model.eval()
+    wav, lengths = batch()
+    seeds = mc_seeds(0, ["a", "b", "c"], 5)
+    out = mc_predict(model, wav, lengths, seeds, scope="full")
+    assert out.probs.shape == (3, 5, 4)
+    assert (out.probs[:, 0] - out.probs[:, 1]).abs().max() > 1e-4          # dropout on: passes differ
+    off = mc_predict(model, wav, lengths, seeds, scope="full", p_override=0.0)
+    torch.testing.assert_close(off.probs, off.det_probs[:, None].expand_as(off.probs))  # dropout off: identical
+    assert model.training is False
+    assert all(not m.training for m in model.modules())                     # nothing left switched on
+
+
+def test_full_scope_batched_equals_loop_and_head_scope_runs():
+    torch.manual_seed(0)
+    model = LogMelCNN().eval()
+    wav, lengths = batch()
+    seeds = mc_seeds(3, ["a", "b", "c"], 4)
+    batched = mc_predict(model, wav, lengths, seeds, scope="full", full_strategy="batched")
+    looped = mc_predict(model, wav, lengths, seeds, scope="full", full_strategy="loop")
+    torch.testing.assert_close(batched.probs, looped.probs, atol=1e-5, rtol=1e-4)
+    head = mc_predict(model, wav, lengths, seeds, scope="head")
+    assert (head.probs[:, 0] - head.probs[:, 1]).abs().max() > 1e-4
+
+
+def test_source_stage_results_do_not_depend_on_batching(tmp_path):
+    torch.manual_seed(0)
+    LogMelCNN().save(str(tmp_path / "m"))
+    stage = SourceTeacherStage(str(tmp_path / "m"), mc_passes=6, scope="full", seed=5)
+    rng = np.random.default_rng(0)
+    audio = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in (1.0, 1.7, 0.6, 2.2)]
+    ids = ["w", "x", "y", "z"]
+    together = stage.predict(ids, audio)
+    for i in range(4):
+        alone = stage.predict([ids[i]], [audio[i]])
+        np.testing.assert_allclose(alone["probs"][0], together["probs"][i], atol=1e-5)
+        np.testing.assert_array_equal(alone["votes"][0], together["votes"][i])
+
+
+def test_cnn_checkpoint_is_self_describing(tmp_path):
+    model = LogMelCNN(labels=["calm", "joy", "rage"])
+    model.save(str(tmp_path / "c"))
+    loaded = load_model(str(tmp_path / "c"), dropout_override=0.5)
+    assert loaded.labels == ["calm", "joy", "rage"] and loaded.num_classes == 3
+    assert all(m.p == 0.5 for m in loaded.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "nothing"))
