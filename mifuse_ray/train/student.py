@@ -6,6 +6,8 @@ driver that builds the datasets and the ``TorchTrainer`` and returns the chosen 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -112,7 +114,7 @@ def _student_loop(config: dict) -> None:
         student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and
                       config["freeze_bn"] else None)
         refuse = mode == "mifuse" and epoch >= config["refuse_from_epoch"]
-        sums = {"loss": 0.0, "kl": 0.0, "div": 0.0, "weight_lalm": 0.0, "ema_mi": 0.0, "n": 0}
+        sums = {"loss": 0.0, "kl": 0.0, "div": 0.0, "weight_lalm": 0.0, "ema_mi": 0.0, "agreement": 0.0, "n": 0}
         for batch in train_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
                                               local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + rank,
                                               drop_last=world > 1):
@@ -148,6 +150,7 @@ def _student_loop(config: dict) -> None:
             sums["loss"] += float(loss.detach())
             sums["kl"] += float(kl.detach())
             sums["div"] += float(div.detach())
+            sums["agreement"] += float((probs.argmax(1) == torch.nan_to_num(q).argmax(1)).float().mean())
             sums["n"] += 1
         n = max(sums.pop("n"), 1)
         cm_student = evaluate_shard(student, dev_shard, device, student.num_classes)
@@ -156,6 +159,7 @@ def _student_loop(config: dict) -> None:
                    "dev_uar": uar_from_confusion(cm_student), "ema_dev_uar": uar_from_confusion(cm_ema),
                    "ema_alpha": alpha, "refusing": bool(refuse)}
         metrics["select_score"] = max(metrics["dev_uar"], metrics["ema_dev_uar"])
+        metrics["weights_rank_spread"] = weights_rank_spread(student)
         if writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
@@ -172,6 +176,20 @@ def _student_loop(config: dict) -> None:
             os._exit(1)  # fault injection for tests: this worker dies once, after a checkpoint
     if writer is not None:
         writer.close()
+
+
+def weights_rank_spread(model) -> float:
+    """max − min over DDP ranks of a parameter checksum: 0 when every rank holds the same weights."""
+    import torch.distributed as dist
+    checksum = sum(float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().abs().sum())
+                   for p in model.parameters())
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    hi = torch.tensor([checksum], dtype=torch.float64)
+    lo = hi.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float(hi - lo)
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -214,7 +232,7 @@ class StudentResult:
 
 def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.DataFrame, source_checkpoint: str,
                   out_dir: str, run_name: str = "student", fail_at_epoch: int | None = None,
-                  decoded_cache: dict | None = None) -> StudentResult:
+                  report_to_tune: bool = False) -> StudentResult:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ..data import drop_errors, read_decoded
@@ -237,25 +255,77 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
         source_checkpoint=os.path.abspath(source_checkpoint), fusion=dataclasses.asdict(cfg.fusion),
         tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
         fail_at_epoch=fail_at_epoch, freeze_bn=True)
+    final_dir = os.path.join(out_dir, "models", run_name)
+    storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    fingerprint = _fingerprint(loop_cfg, table)
+    done = _finished_run(final_dir, fingerprint)
+    if done is not None and not report_to_tune:
+        return done
+    if _stored_fingerprint(storage, run_name) not in (None, fingerprint):
+        shutil.rmtree(os.path.join(storage, run_name), ignore_errors=True)   # other settings: start afresh
+    _store_fingerprint(storage, run_name, fingerprint)
+    # Same name and storage as an interrupted run: Ray Train restores its latest checkpoint.
     trainer = TorchTrainer(
         _student_loop, train_loop_config=loop_cfg, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            storage_path=os.path.abspath(os.path.join(out_dir, "_ray_train")), name=run_name,
+            storage_path=storage, name=run_name,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=_tune_callbacks() if report_to_tune else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="select_score",
                                                          checkpoint_score_order="max")))
     result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric="select_score", mode="max") or result.checkpoint
     best = next((m for c, m in result.best_checkpoints if c.path == best_ckpt.path), result.metrics)
-    final_dir = os.path.join(out_dir, "models", run_name)
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     with best_ckpt.as_directory() as d:
         shutil.copytree(d, final_dir, ignore=shutil.ignore_patterns("train_state.pt"))
     chosen = "ema" if best["ema_dev_uar"] > best["dev_uar"] else "student"
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return StudentResult(model_dir=os.path.join(final_dir, chosen), chosen=chosen,
-                         student_dir=os.path.join(final_dir, "student"), ema_dir=os.path.join(final_dir, "ema"),
-                         best_metrics=dict(best), history=history, seconds=time.time() - start)
+    res = StudentResult(model_dir=os.path.join(final_dir, chosen), chosen=chosen,
+                        student_dir=os.path.join(final_dir, "student"), ema_dir=os.path.join(final_dir, "ema"),
+                        best_metrics=dict(best), history=history, seconds=time.time() - start)
+    with open(os.path.join(final_dir, "result.json"), "w") as fh:
+        json.dump({"fingerprint": fingerprint, "result": dataclasses.asdict(res)}, fh, default=str)
+    return res
+
+
+def _tune_callbacks() -> list:
+    from ray.tune.integration.ray_train import TuneReportCallback
+    return [TuneReportCallback()]
+
+
+def _fingerprint(loop_cfg: dict, table: pd.DataFrame) -> str:
+    cfg = {k: v for k, v in loop_cfg.items() if k not in ("tensorboard_dir", "fail_at_epoch")}
+    payload = json.dumps(cfg, sort_keys=True, default=str) + "".join(table["clip_id"])
+    payload += str(np.round(np.stack(table["q"]), 5).tobytes())
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _finished_run(final_dir: str, fingerprint: str) -> StudentResult | None:
+    """A finished run with the same settings and data: reuse it instead of training again."""
+    path = os.path.join(final_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        stored = json.load(fh)
+    if stored.get("fingerprint") != fingerprint:
+        return None
+    return StudentResult(**stored["result"])
+
+
+def _fingerprint_path(storage: str, run_name: str) -> str:
+    return os.path.join(storage, f"{run_name}.fingerprint")
+
+
+def _stored_fingerprint(storage: str, run_name: str) -> str | None:
+    path = _fingerprint_path(storage, run_name)
+    return open(path).read() if os.path.exists(path) else None
+
+
+def _store_fingerprint(storage: str, run_name: str, fingerprint: str) -> None:
+    os.makedirs(storage, exist_ok=True)
+    with open(_fingerprint_path(storage, run_name), "w") as fh:
+        fh.write(fingerprint)

@@ -1,0 +1,104 @@
+"""Labeling with Ray Data, the source model, and a demo-domain shift — on the session cluster."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from mifuse_ray.audio import AudioConfig, list_inputs
+from mifuse_ray.config import MiFuseConfig
+from mifuse_ray.data import decode_locally
+from mifuse_ray.labels import DEFAULT_LABELS
+from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+from mifuse_ray.metrics import uar
+from mifuse_ray.source_stage import SourceTeacherStage
+from mifuse_ray.train.source import labelled_split
+
+
+def test_demo_generation_is_deterministic(tmp_path):
+    from mifuse_ray.demo.domains import DOMAINS, generate_domain
+    import dataclasses
+    small = dataclasses.replace(DOMAINS["call_centre"], speakers_per_split={"train": 1, "adapt": 1},
+                                clips_per_speaker=3)
+    a = pd.read_parquet(generate_domain(small, str(tmp_path / "a")))
+    b = pd.read_parquet(generate_domain(small, str(tmp_path / "b")))
+    pd.testing.assert_frame_equal(a, b)
+    for pa, pb in zip(a["path"], b["path"]):
+        np.testing.assert_array_equal(sf.read(tmp_path / "a" / pa)[0], sf.read(tmp_path / "b" / pb)[0])
+    assert a["sample_rate"].iloc[0] == 8000 and a.loc[a.split == "adapt", "label"].isna().all()
+    other = pd.read_parquet(generate_domain(dataclasses.replace(small, seed=99), str(tmp_path / "c")))
+    assert not np.array_equal(sf.read(tmp_path / "a" / a.path[0])[0][:100], sf.read(tmp_path / "c" / other.path[0])[0][:100])
+
+
+def test_manifest_schema_and_speaker_disjoint_splits(demo_root):
+    df = pd.read_parquet(os.path.join(demo_root, "podcast", "manifest.parquet"))
+    for col in ("clip_id", "path", "duration_s", "sample_rate", "domain", "speaker_id", "label", "split"):
+        assert col in df.columns
+    speakers = df.groupby("split")["speaker_id"].apply(set)
+    splits = list(speakers.index)
+    for i, s in enumerate(splits):
+        for t in splits[i + 1:]:
+            assert not (speakers[s] & speakers[t])
+
+
+def test_demo_domains_are_a_real_shift(source_model, demo_root):
+    """The source model (trained on acted_studio) loses accuracy on the other domains."""
+    stage = SourceTeacherStage(source_model, mc_passes=0)
+    scores = {}
+    for domain in ("acted_studio", "call_centre", "podcast"):
+        df = decode_locally(labelled_split(os.path.join(demo_root, domain, "manifest.parquet"), "test",
+                                           DEFAULT_LABELS), AudioConfig())
+        pred = stage.predict(list(df.clip_id), list(df.audio))["det"].argmax(1)
+        scores[domain] = uar(df.label_index, pred, 4)
+    assert scores["acted_studio"] > 0.45, scores
+    assert scores["acted_studio"] - scores["call_centre"] >= 0.1, scores
+    assert scores["acted_studio"] - scores["podcast"] >= 0.1, scores
+
+
+def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_root, tmp_path):
+    from mifuse_ray.labeling import label_target
+    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    df = list_inputs(target, split="adapt").head(40)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.wav").write_bytes(b"RIFF....garbage")
+    sf.write(bad / "quiet.wav", np.zeros(16000, np.float32), 16000)
+    df = pd.concat([df, pd.DataFrame({"clip_id": ["broken", "quiet"], "path": [str(bad / "broken.wav"),
+                                                                              str(bad / "quiet.wav")]})],
+                   ignore_index=True)
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes = 4, 6
+    cfg.lalm.cache_dir = str(tmp_path / "cache")
+    with BackgroundServer(ServerConfig()) as server:
+        res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
+        table = pd.read_parquet(res.labels_path)
+        assert sorted(table["clip_id"]) == sorted(df["clip_id"])                   # every clip exactly once
+        errs = dict(zip(table.clip_id, table.error))
+        assert errs["broken"].startswith("unreadable") and errs["quiet"].startswith("silent")
+        ok = table[table.error.isna()]
+        assert len(ok) == 40
+        assert all(len(v) == 4 for v in ok.lalm_votes) and all(len(p) == 6 for p in ok.source_probs)
+        np.testing.assert_allclose(np.stack(ok.q).sum(1), 1.0, atol=1e-5)
+        assert res.summary["lalm_requests"] == 40 and server.stats["requests"] == 40
+        for key in ("uar_lalm", "uar_source", "uar_fused", "teacher_agreement"):
+            assert key in res.summary
+        # a rerun pays for nothing: every answer comes from the cache
+        again = label_target(cfg, df, str(tmp_path / "out2"), source_model, server.url)
+        assert server.stats["requests"] == 40 and again.summary["lalm_cache_hits"] == 160
+        cols = ["clip_id", "lalm_votes", "source_votes"]
+        pd.testing.assert_frame_equal(again.table[cols].reset_index(drop=True), table[cols].reset_index(drop=True),
+                                      check_dtype=False)
+
+
+def test_spend_cap_stops_sending(ray_cluster, source_model, demo_root, tmp_path):
+    from mifuse_ray.labeling import label_target
+    df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(12)
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes, cfg.lalm.max_requests = 2, 2, 5
+    cfg.lalm.cache_dir = str(tmp_path / "cache")
+    with BackgroundServer(ServerConfig()) as server:
+        res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
+        assert server.stats["requests"] == 5
+        assert (res.table["lalm_error"] == "spend_cap_reached").sum() == 7
+        assert len(res.table) == 12

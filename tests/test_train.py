@@ -1,0 +1,113 @@
+"""Student training: EMA and losses by hand, then real Ray Train runs (DDP, resume, worker failure)."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mifuse_ray.config import MiFuseConfig
+from mifuse_ray.train.ema import EMATeacher, decay_from_half_life, ema_decay_at
+from mifuse_ray.train.losses import diversity_kl, information_maximization, soft_label_kl
+
+
+def test_ema_update_matches_hand_computation():
+    student = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        student[0].weight.fill_(1.0)
+    ema = EMATeacher(student, alpha=0.99)
+    with torch.no_grad():
+        student[0].weight.fill_(3.0)
+        student[1].running_mean.fill_(7.0)
+    a0 = ema.update(student, step=0)
+    assert a0 == pytest.approx(1 / 10)                                 # min(0.99, (1+0)/(10+0))
+    assert ema.model[0].weight[0, 0].item() == pytest.approx(0.1 * 1.0 + 0.9 * 3.0)
+    assert ema.model[1].running_mean.item() == 7.0                     # buffers copied
+    assert ema_decay_at(10_000, 0.99) == 0.99
+    alpha = decay_from_half_life(2.0, 50)
+    assert alpha ** 100 == pytest.approx(0.5)
+
+
+def test_losses_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    logits = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))
+    kl = soft_label_kl(q, logits, torch.tensor([1.0, 0.0]))          # second clip weighted out
+    assert kl.item() == pytest.approx(-np.log(0.8), abs=1e-6)
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    assert diversity_kl(probs, torch.tensor([0.5, 0.5])).item() == pytest.approx(
+        0.9 * np.log(1.8) + 0.1 * np.log(0.2), abs=1e-6)
+    uniform = torch.zeros(4, 3)
+    assert information_maximization(uniform).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
+    """A labels.parquet for 48 adaptation clips (real teachers over real HTTP)."""
+    from mifuse_ray.audio import list_inputs
+    from mifuse_ray.labeling import label_target
+    from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+    from mifuse_ray.train.source import labelled_split
+    from mifuse_ray.labels import DEFAULT_LABELS
+    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    out = str(tmp_path_factory.mktemp("labels"))
+    with BackgroundServer(ServerConfig()) as server:
+        res = label_target(cfg, list_inputs(target, split="adapt").head(48), out, source_model, server.url)
+    dev = labelled_split(target, "dev", DEFAULT_LABELS).head(24)
+    return res.table, dev
+
+
+def tiny_cfg(**train):
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.refuse_from_epoch = 2, 8, 1
+    cfg.train.cpus_per_worker = 0.5
+    cfg.audio.train_crop_s = 1.0
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_two_worker_ddp_ends_with_identical_weights(small_labels, source_model, tmp_path):
+    from mifuse_ray.train.student import train_student
+    table, dev = small_labels
+    res = train_student(tiny_cfg(num_workers=2), table, dev, source_model, str(tmp_path), run_name="ddp")
+    assert len(res.history) == 2
+    assert all(h["weights_rank_spread"] == 0.0 for h in res.history)
+    assert os.path.exists(os.path.join(res.student_dir, "mifuse_model.json"))
+    assert os.listdir(os.path.join(tmp_path, "tensorboard", "ddp"))
+
+
+def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tmp_path):
+    """A rerun after an interruption continues from the saved step with the saved optimiser state."""
+    from mifuse_ray.models.base import load_model
+    from mifuse_ray.train.student import _load_checkpoint, train_student
+    from mifuse_ray.train.common import warmup_cosine
+    table, dev = small_labels
+    first = train_student(tiny_cfg(epochs=1), table, dev, source_model, str(tmp_path), run_name="r")
+    runs = os.path.join(tmp_path, "_ray_train", "r")
+    ckpts = sorted(d for d in os.listdir(runs) if d.startswith("checkpoint_"))
+    state = torch.load(os.path.join(runs, ckpts[-1], "train_state.pt"), weights_only=True)
+    assert state["epoch"] == 0 and state["step"] == first.history[-1]["step"] > 0
+    student = load_model(source_model)
+    ema = EMATeacher(student, 0.9)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    sched = warmup_cosine(opt, 100, 0.1)
+    step, epoch = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched)
+    assert (step, epoch) == (state["step"], 0)
+    assert opt.state_dict()["state"][0]["step"].item() == step       # Adam moments restored, not zero
+    assert sched.last_epoch == step
+
+
+def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_path):
+    from mifuse_ray.train.student import train_student
+    table, dev = small_labels
+    cfg = tiny_cfg(epochs=3, max_failures=2)
+    res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", fail_at_epoch=0)
+    epochs = [h["epoch"] for h in res.history]
+    assert epochs[-1] == 2                                           # completed after the crash
+    steps_per_epoch = res.history[0]["step"]
+    assert res.history[-1]["step"] == 3 * steps_per_epoch           # not restarted from zero
+    again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail")
+    assert again.best_metrics == res.best_metrics                   # a rerun reuses the finished run
