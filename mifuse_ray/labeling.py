@@ -35,8 +35,8 @@ def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_pass
 
 
 def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
-    rows = list(col)
-    width = max((len(r) for r in rows if r is not None), default=0)
+    rows = [r if (r is not None and hasattr(r, "__len__") and not isinstance(r, str)) else None for r in col]
+    width = max((len(r) for r in rows if r is not None), default=1) or 1
     shape = (len(rows), width) if inner is None else (len(rows), width, inner)
     out = np.full(shape, fill, dtype=np.float32 if inner is not None else np.int64)
     for i, r in enumerate(rows):

@@ -2,6 +2,7 @@
 subprocess driver and ``ray job submit``; tiny demo data built once and shared."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -10,6 +11,7 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"          # the same for the cluster, drivers and job submission
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+logging.getLogger("ray").setLevel(logging.WARNING)   # Ray Data logs whole stats dicts at DEBUG
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_SCALE = 0.5
 

@@ -152,6 +152,7 @@ def _student_loop(config: dict) -> None:
             sums["div"] += float(div.detach())
             sums["agreement"] += float((probs.argmax(1) == torch.nan_to_num(q).argmax(1)).float().mean())
             sums["n"] += 1
+            _maybe_inject_failure(config, epoch, sums["n"], rank, world)
         n = max(sums.pop("n"), 1)
         cm_student = evaluate_shard(student, dev_shard, device, student.num_classes)
         cm_ema = evaluate_shard(ema.model, dev_shard, device, student.num_classes)
@@ -171,11 +172,19 @@ def _student_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-        if config.get("fail_at_epoch") is not None and epoch == config["fail_at_epoch"] and not checkpoint \
-                and rank == world - 1:
-            os._exit(1)  # fault injection for tests: this worker dies once, after a checkpoint
     if writer is not None:
         writer.close()
+
+
+def _maybe_inject_failure(config: dict, epoch: int, batches: int, rank: int, world: int) -> None:
+    """Fault injection for tests: the last rank dies once, mid-epoch, after the given epoch's checkpoint."""
+    marker = config.get("fail_marker")
+    if (config.get("fail_at_epoch") is None or epoch != config["fail_at_epoch"] + 1 or batches != 2
+            or rank != world - 1 or not marker or os.path.exists(marker)):
+        return
+    with open(marker, "w") as fh:
+        fh.write(f"killed at epoch {epoch}, batch {batches}\n")
+    os._exit(1)
 
 
 def weights_rank_spread(model) -> float:
@@ -254,7 +263,9 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
         crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(table),
         source_checkpoint=os.path.abspath(source_checkpoint), fusion=dataclasses.asdict(cfg.fusion),
         tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
-        fail_at_epoch=fail_at_epoch, freeze_bn=True)
+        fail_at_epoch=fail_at_epoch, freeze_bn=True,
+        fail_marker=os.path.abspath(os.path.join(out_dir, f"{run_name}.injected_failure")) if fail_at_epoch is not None
+        else None)
     final_dir = os.path.join(out_dir, "models", run_name)
     storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
     fingerprint = _fingerprint(loop_cfg, table)
@@ -298,7 +309,7 @@ def _tune_callbacks() -> list:
 
 
 def _fingerprint(loop_cfg: dict, table: pd.DataFrame) -> str:
-    cfg = {k: v for k, v in loop_cfg.items() if k not in ("tensorboard_dir", "fail_at_epoch")}
+    cfg = {k: v for k, v in loop_cfg.items() if k not in ("tensorboard_dir", "fail_at_epoch", "fail_marker")}
     payload = json.dumps(cfg, sort_keys=True, default=str) + "".join(table["clip_id"])
     payload += str(np.round(np.stack(table["q"]), 5).tobytes())
     return hashlib.sha256(payload.encode()).hexdigest()
