@@ -1,0 +1,132 @@
+"""The front door: jobs/adapt.py end to end (subprocess driver on the session cluster), a rerun
+that reuses everything, ray job submit, a 2-trial Tune search, and the API key kept secret."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+SECRET = "sk-mifuse-test-SECRET-4242"
+
+
+def run_job(args, env_extra=None, timeout=900):
+    env = {**os.environ, "MIFUSE_LALM_API_KEY": SECRET, **(env_extra or {})}
+    return subprocess.run([sys.executable, os.path.join(REPO, "jobs", "adapt.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("adapt"))
+    args = ["--target", os.path.join(demo_root, "call_centre", "manifest.parquet"), "--source.checkpoint",
+            source_model, "--output", out, "--lalm.n_answers", "3", "--source.mc_passes", "4", "--train.epochs", "2",
+            "--train.refuse_from_epoch", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"]
+    first = run_job(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out, args, first
+
+
+def test_adapt_writes_every_artefact(adapt_run):
+    out, _, proc = adapt_run
+    assert "report:" in proc.stdout
+    for rel in ("report.md", "results.json", "run.json", "labels/labels.parquet", "labels_test/labels.parquet",
+                "confusion_matrices.png", "uncertainty.png", "models/mifuse/student/mifuse_model.json",
+                "models/mifuse/ema/model.safetensors"):
+        assert os.path.exists(os.path.join(out, rel)), rel
+    report = open(os.path.join(out, "report.md")).read()
+    for system in ("mifuse_student", "mifuse_ema", "source_only", "lalm_zero_shot", "fused_label"):
+        assert system in report
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["git_commit"] and run["packages"]["ray"] and run["manifest_sha256"] and run["lalm_endpoint"]
+    assert run["config"]["lalm"]["api_key_env"] == "MIFUSE_LALM_API_KEY"
+    assert os.listdir(os.path.join(out, "tensorboard", "mifuse"))
+    # the student is a source-format checkpoint: it can seed a later adaptation
+    from mifuse_ray.models.base import load_model
+    assert load_model(os.path.join(out, "models", "mifuse", "ema")).labels == ["neutral", "happy", "angry", "sad"]
+
+
+def test_rerun_reuses_labels_answers_and_checkpoints(adapt_run):
+    out, args, _ = adapt_run
+    again = run_job(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert results["labeling"].get("reused") is True
+    assert results["selection"]["mifuse"]["train_seconds"] == pytest.approx(
+        json.load(open(os.path.join(out, "models", "mifuse", "result.json")))["result"]["seconds"])
+
+
+def test_api_key_never_written(adapt_run):
+    out, _, proc = adapt_run
+    assert SECRET not in proc.stdout + proc.stderr
+    for root, _, files in os.walk(out):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                assert SECRET.encode() not in fh.read(), os.path.join(root, name)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--source.checkpoint", "/nonexistent/model", "--target", "{target}"], "checkpoint not found"),
+    (["--labels", "calm,joy,rage,grief", "--source.checkpoint", "{model}", "--target", "{target}"],
+     "trained on labels"),
+    (["--lalm.base_url", "http://127.0.0.1:9/v1", "--source.checkpoint", "{model}", "--target", "{target}"],
+     "cannot reach the LALM endpoint"),
+    (["--lalm.preset", "openai", "--lalm.allow_remote_audio", "true", "--lalm.api_key_env", "NO_SUCH_KEY",
+      "--source.checkpoint", "{model}", "--target", "{target}"], "NO_SUCH_KEY"),
+    (["--output", "/proc/not_writable"], "not writable"),
+    (["--lalm.n_answers", "0"], "lalm.n_answers"),
+    (["--no.such_key", "1"], "unrecognized arguments"),
+])
+def test_user_errors_end_in_one_clear_message(ray_cluster, source_model, demo_root, tmp_path, args, message):
+    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    args = [a.format(model=source_model, target=target) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "o")]
+    proc = run_job(args, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "lalm_cache").exists()            # nothing was sent
+
+
+def test_dry_run_estimates_without_sending(ray_cluster, source_model, demo_root, tmp_path):
+    proc = run_job(["--target", os.path.join(demo_root, "podcast", "manifest.parquet"), "--source.checkpoint",
+                    source_model, "--output", str(tmp_path), "--lalm.dry_run", "true", "--lalm.usd_per_request",
+                    "0.002"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    est = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])["dry_run"]
+    assert est["requests"] == est["clips"] > 0 and est["estimated_usd"] == pytest.approx(0.002 * est["requests"])
+
+
+def test_ray_job_submit(ray_cluster, tmp_path, source_model, demo_root):
+    """jobs/adapt.py under `ray job submit --working-dir .` joins the cluster it is submitted to."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    runtime_env = json.dumps({"excludes": [".venv", ".git", "demo_data", "outputs", "*.pyc", ".hypothesis"]})
+    proc = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
+         "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/adapt.py",
+         "--target", os.path.join(demo_root, "podcast", "manifest.parquet"), "--source.checkpoint", source_model,
+         "--output", str(tmp_path), "--lalm.dry_run", "true"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "succeeded" in proc.stdout and '"dry_run"' in proc.stdout
+
+
+def test_tune_two_trials(adapt_run, source_model, demo_root):
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.train.source import labelled_split
+    from mifuse_ray.tune import run_tune
+    out, _, _ = adapt_run
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.train.epochs, cfg.train.cpus_per_worker, cfg.audio.train_crop_s = 2, 0.5, 1.0
+    labels = pd.read_parquet(os.path.join(out, "labels", "labels.parquet"))
+    dev = labelled_split(os.path.join(demo_root, "call_centre", "manifest.parquet"), "dev", cfg.labels).head(24)
+    space = {"fusion.lalm_answers": ["grid", [1, 3]], "fusion.tau": ["choice", [0.5]]}
+    table, best = run_tune(cfg, labels, dev, source_model, out, space, num_samples=1, max_concurrent=2)
+    assert len(table) == 2 and set(table["config/fusion.lalm_answers"]) == {1, 3}
+    assert os.path.exists(os.path.join(out, "tune_results.csv")) and os.path.exists(os.path.join(out, "best_config.json"))
+    assert best.metrics["select_score"] >= 0
