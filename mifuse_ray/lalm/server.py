@@ -17,7 +17,7 @@ import io
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +60,7 @@ class StandinLALM:
         self.score_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.stats = {"requests": 0, "completions": 0, "answers": 0, "faults": {}, "rejected_auth": 0,
                       "rate_limited": 0}
+        self.completion_times: deque[float] = deque(maxlen=200_000)  # for steady-state throughput
         self._bucket_tokens = 1.0
         self._bucket_time = time.monotonic()
 
@@ -188,6 +189,7 @@ class StandinLALM:
                 c.pop("logprobs", None)
         self.stats["completions"] += 1
         self.stats["answers"] += n
+        self.completion_times.append(time.monotonic())
         return web.json_response({
             "id": f"chatcmpl-{self.stats['requests']}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", MODEL_NAME), "choices": choices,
@@ -209,7 +211,11 @@ class StandinLALM:
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats)
 
+    async def get_times(self, request: web.Request) -> web.Response:
+        return web.json_response({"times": list(self.completion_times)})
+
     async def reset_stats(self, request: web.Request) -> web.Response:
+        self.completion_times.clear()
         self.stats.update({"requests": 0, "completions": 0, "answers": 0, "faults": {}, "rejected_auth": 0,
                            "rate_limited": 0})
         return web.json_response(self.stats)
@@ -220,6 +226,7 @@ class StandinLALM:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
+        app.router.add_get("/stats/times", self.get_times)
         return app
 
 

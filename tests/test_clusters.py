@@ -1,0 +1,48 @@
+"""Cluster definitions parse, and their entrypoints and resources match the job's options."""
+import os
+import shlex
+
+import yaml
+
+from conftest import REPO
+from mifuse_ray.config import MiFuseConfig, apply_overrides, flatten
+
+CLUSTERS = os.path.join(REPO, "clusters")
+
+
+def load(name):
+    with open(os.path.join(CLUSTERS, name)) as fh:
+        return yaml.safe_load(fh)
+
+
+def test_rayjob_entrypoint_and_gpu_workers():
+    job = load("rayjob.yaml")
+    assert job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/adapt.py"]
+    cfg_path = argv[argv.index("--config") + 1].replace("/app/", "")
+    assert os.path.exists(os.path.join(REPO, cfg_path))
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cfg = apply_overrides(MiFuseConfig(), flatten(load("adapt_cluster.yaml")))
+    assert int(limits["nvidia.com/gpu"]) >= 1 and cfg.train.use_gpu
+    gpus = workers["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert cfg.train.num_workers <= gpus
+    assert cfg.source.num_actors * cfg.source.num_gpus <= gpus
+    assert cfg.train.cpus_per_worker <= int(limits["cpu"])
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+
+
+def test_raycluster_and_launcher():
+    rc = load("raycluster.yaml")
+    assert rc["kind"] == "RayCluster" and rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    aws = load("aws.yaml")
+    assert aws["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert aws["head_node_type"] == "head" and "gpu_worker" in aws["available_node_types"]
+    assert any("constraints.txt" in c for c in aws["setup_commands"])
+
+
+def test_no_secret_values_in_cluster_files():
+    for name in os.listdir(CLUSTERS):
+        text = open(os.path.join(CLUSTERS, name)).read()
+        assert "sk-" not in text

@@ -1,0 +1,74 @@
+"""Faults a deployment meets: a misbehaving LALM, a driver killed mid-labeling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+
+from conftest import REPO, wait_for
+from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+
+
+def label_cmd(target, model, out, url, extra=()):
+    return [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--target", target, "--source.checkpoint", model,
+            "--output", out, "--lalm.base_url", url, "--lalm.n_answers", "3", "--source.mc_passes", "4",
+            "--lalm.use_n", "false", *extra]
+
+
+def test_misbehaving_lalm_loses_no_clip(ray_cluster, source_model, demo_root, tmp_path):
+    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    cfg = ServerConfig(fail_rate=0.2, retry_after_s=0.1, hang_s=3.0, latency_s=0.01, seed=3)
+    with BackgroundServer(cfg) as server:
+        proc = subprocess.run(label_cmd(target, source_model, str(tmp_path), server.url,
+                                        ["--lalm.timeout_s", "1.0", "--lalm.retry_budget", "0.5",
+                                         "--lalm.backoff_base_s", "0.05"]),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stats = server.stats
+    table = pd.read_parquet(os.path.join(tmp_path, "labels", "labels.parquet"))
+    manifest = pd.read_parquet(target)
+    assert sorted(table.clip_id) == sorted(manifest.loc[manifest.split == "adapt", "clip_id"])
+    needed = len(table) * 3                                           # N separate requests per clip
+    assert stats["requests"] <= (1 + 0.5) * needed
+    assert sum(stats["faults"].values()) > 0.1 * needed               # the faults really happened
+    reasons = [r for rs in table.lalm_reasons.dropna() for r in rs if r]
+    assert any(r.startswith("no_label_in_answer") for r in reasons)   # non-label answers kept with a reason
+    ok = table[table.error.isna()]
+    assert len(ok) >= 0.9 * len(table)
+    failed = table[table.error.notna()]
+    assert failed.error.str.len().gt(0).all()
+
+
+def test_killed_driver_resumes_from_cache_with_identical_output(ray_cluster, source_model, demo_root, tmp_path):
+    target = os.path.join(demo_root, "podcast", "manifest.parquet")
+    n_clips = int((pd.read_parquet(target).split == "adapt").sum())
+    total = n_clips * 3
+    with BackgroundServer(ServerConfig(latency_s=0.05)) as server:
+        args = ["--lalm.concurrency", "4"]
+        proc = subprocess.Popen(label_cmd(target, source_model, str(tmp_path / "run"), server.url, args),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        assert wait_for(lambda: server.stats["completions"] >= total // 2, timeout=600, interval=0.05)
+        os.killpg(proc.pid, signal.SIGKILL)                           # the driver dies half-way
+        proc.wait()
+        paid_before = server.stats["completions"]
+        assert paid_before < total
+        time.sleep(1.0)
+        rerun = subprocess.run(label_cmd(target, source_model, str(tmp_path / "run"), server.url, args),
+                               capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        summary_text = rerun.stdout[rerun.stdout.index("{"):rerun.stdout.rindex("}") + 1]
+        summary = json.loads(summary_text)
+        paid_total = server.stats["completions"]
+        assert summary["lalm_cache_hits"] >= paid_before - 4 * 2      # all but the requests cut off in flight
+        assert paid_total - paid_before == summary["lalm_requests"] <= total - summary["lalm_cache_hits"] + 8
+        fresh = subprocess.run(label_cmd(target, source_model, str(tmp_path / "fresh"), server.url, args),
+                               capture_output=True, text=True, timeout=900)
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+    a = pd.read_parquet(os.path.join(tmp_path, "run", "labels", "labels.parquet")).sort_values("clip_id")
+    b = pd.read_parquet(os.path.join(tmp_path, "fresh", "labels", "labels.parquet")).sort_values("clip_id")
+    assert list(a.clip_id) == list(b.clip_id) and len(a) == n_clips
+    for col in ("lalm_votes", "source_votes", "lalm_raw"):
+        assert [list(x) for x in a[col]] == [list(x) for x in b[col]], col
