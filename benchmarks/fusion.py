@@ -50,7 +50,7 @@ def main():
     def library(lib_lalm, lib_probs, lib_votes):
         for s in range(0, B, args.chunk):
             e = s + args.chunk
-            fuse([teacher_stats(lib_lalm[s:e], C), teacher_stats(lib_votes[s:e], C, lib_probs[s:e])])
+            fuse([teacher_stats(lib_lalm[s:e], C), teacher_stats(lib_votes[s:e], C, lib_probs[s:e], with_mi=False)])
 
     def library_torch():
         library(torch.from_numpy(lalm_votes), torch.from_numpy(src_probs), torch.from_numpy(src_votes))

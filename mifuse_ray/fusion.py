@@ -105,11 +105,12 @@ class TeacherStats:
     mi: Any              # (B,) BALD MI of the soft draws (NaN where not every draw is soft)
 
 
-def teacher_stats(votes, num_classes: int, soft=None) -> TeacherStats:
+def teacher_stats(votes, num_classes: int, soft=None, with_mi: bool = True) -> TeacherStats:
     """Statistics of one teacher from its draws.
 
     votes: (B, n) integer labels, -1 marking an invalid draw (e.g. an unparseable answer).
     soft:  optional (B, n, C) per-draw distributions; rows with NaN count as "no soft draw".
+    with_mi: compute the BALD MI (a log over every draw); skip it when only vote entropy is used.
     """
     ops = _Ops(votes)
     valid = votes >= 0
@@ -130,9 +131,10 @@ def teacher_stats(votes, num_classes: int, soft=None) -> TeacherStats:
         mean_soft = soft.sum(1) / ops.where(n_soft > 0, n_soft, 1.0)[:, None]
         all_soft = (n_soft == n_f) & (n_f > 0)
         pbar = ops.where(all_soft[:, None], mean_soft, hist)
-        mean_draw_entropy = entropy(soft).sum(1) / ops.where(n_soft > 0, n_soft, 1.0)
-        bald = entropy(mean_soft) - mean_draw_entropy
-        mi = ops.where(all_soft, ops.where(bald > 0, bald, 0.0), mi)  # clamp round-off below 0
+        if with_mi:
+            mean_draw_entropy = entropy(soft).sum(1) / ops.where(n_soft > 0, n_soft, 1.0)
+            bald = entropy(mean_soft) - mean_draw_entropy
+            mi = ops.where(all_soft, ops.where(bald > 0, bald, 0.0), mi)  # clamp round-off below 0
     return TeacherStats(n=n, counts=counts, hist=hist, pbar=pbar, vote_entropy=vote_entropy,
                         entropy=entropy(pbar), mi=mi)
 

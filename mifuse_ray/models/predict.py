@@ -34,8 +34,12 @@ def _autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def mc_predict(model: SERModel, wav: torch.Tensor, lengths: torch.Tensor, row_seeds: torch.Tensor,
                scope: str = "head", p_override: float | None = None, amp: bool = False,
-               full_strategy: str = "batched") -> MCOutput:
-    """row_seeds: (B, K) int64, one seed per (clip, pass). K = 0 gives only the deterministic pass."""
+               full_strategy: str = "auto") -> MCOutput:
+    """row_seeds: (B, K) int64, one seed per (clip, pass). K = 0 gives only the deterministic pass.
+
+    ``full_strategy``: "batched" repeats the batch K times (fastest on a GPU), "loop" runs K passes
+    (faster on a CPU, measured in benchmarks/mc_dropout.py), "auto" picks by device.
+    """
     if scope not in SCOPES:
         raise ValueError(f"mc scope must be one of {SCOPES}, got {scope!r}")
     model.eval()
@@ -49,7 +53,7 @@ def mc_predict(model: SERModel, wav: torch.Tensor, lengths: torch.Tensor, row_se
         elif scope == "head":
             with mc_dropout(model, row_seeds.reshape(-1), p_override, modules=model.head_modules()):
                 logits = model.head(repeat_features(features, K))
-        elif full_strategy == "batched":
+        elif full_strategy == "batched" or (full_strategy == "auto" and wav.device.type == "cuda"):
             with mc_dropout(model, row_seeds.reshape(-1), p_override):
                 logits = model(wav.repeat_interleave(K, 0), lengths.repeat_interleave(K, 0))
         else:
