@@ -58,7 +58,7 @@ def plot_uncertainty(table: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
-def _md_table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "_none_\n"
     cols = list(df.columns)
@@ -82,9 +82,9 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
              "## Test-split accuracy", "",
              "Students are chosen on the labelled dev split (never the test split). `source_only` is the source "
              "model, `lalm_zero_shot` the argmax of the LALM's mean answer, `fused_label` the MI-Fuse soft label "
-             "itself (no training).", "", _md_table(table),
+             "itself (no training).", "", markdown_table(table),
              "![confusion matrices](confusion_matrices.png)", "",
-             "## Model selection (dev split)", "", _md_table(pd.DataFrame(results.get("selection", {})).T.reset_index()
+             "## Model selection (dev split)", "", markdown_table(pd.DataFrame(results.get("selection", {})).T.reset_index()
                                                             .rename(columns={"index": "run"})
                                                             if results.get("selection") else pd.DataFrame()),
              "## Labeling (adaptation split)", "",
@@ -100,7 +100,7 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
         lines.append(f"- UAR on the adaptation split ({lab.get('truth_column')}, diagnostics only): LALM "
                      f"{lab['uar_lalm']:.3f}, source {lab['uar_source']:.3f}, fused label {lab['uar_fused']:.3f}")
     lines += ["", "![uncertainty and weights](uncertainty.png)", "", "## Wall time per stage", "",
-              _md_table(pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in times.items()])),
+              markdown_table(pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in times.items()])),
               "Files: `labels/labels.parquet` (every clip, every draw), `models/<run>/{student,ema}` (checkpoints "
               "in the source format), `tensorboard/`, `run.json` (config, commit, versions, hashes), `results.json`."]
     path = os.path.join(out_dir, "report.md")
