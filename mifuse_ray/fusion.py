@@ -168,6 +168,8 @@ def fuse(teachers: Sequence[TeacherStats], uncertainty: str = "vote_entropy", we
     pbar = ops.stack([t.pbar for t in teachers])                     # (B, T, C)
     n = ops.stack([ops.f32(t.n) for t in teachers])                  # (B, T)
     present = n > 0
+    if weighting == "fixed":  # a teacher given weight 0 is absent: it must not stand in for the other
+        present = present & (ops.f32(list(fixed_weights))[None, :] > 0)
     if uncertainty == "mi" and bool((present & (U != U)).any()):
         raise ValueError("uncertainty='mi' needs soft draws from every teacher (LALM logprobs); "
                          "use 'vote_entropy' or enable logprobs")

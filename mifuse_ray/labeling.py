@@ -61,13 +61,6 @@ def fuse_draws(draws: dict, num_classes: int, fusion_cfg, mode: str = "mifuse"):
     result = fuse([lalm, source], uncertainty=fusion_cfg.uncertainty, weighting=weighting, tau=fusion_cfg.tau,
                   eps=fusion_cfg.eps, fixed_weights=fixed, sharpen_temperature=fusion_cfg.sharpen_temperature,
                   min_confidence=fusion_cfg.min_confidence)
-    if weighting == "fixed":  # a teacher with weight 0 must not rescue a clip the other lacks
-        q = np.asarray(result.q)
-        if mode == "lalm_only":
-            q = np.where((np.asarray(lalm.n) > 0)[:, None], np.asarray(lalm.pbar), np.nan)
-        elif mode == "source_only":
-            q = np.where((np.asarray(source.n) > 0)[:, None], np.asarray(source.pbar), np.nan)
-        result.q = q
     return lalm, source, result
 
 

@@ -127,3 +127,11 @@ def test_fused_labels_are_distributions(n, k, C, tau, seed, uncertainty, weighti
     assert np.all(r.q >= -1e-7)
     np.testing.assert_allclose(r.weights.sum(1), 1.0, atol=1e-5)
     assert np.all((r.weights >= 0) & (r.weights <= 1 + 1e-6))
+
+
+def test_zero_fixed_weight_means_absent():
+    lalm = teacher_stats(np.array([[-1, -1], [1, 1]]), 3)
+    src = teacher_stats(np.array([[2, 2], [2, 2]]), 3)
+    r = fuse([lalm, src], weighting="fixed", fixed_weights=[1.0, 0.0])
+    assert np.isnan(r.q[0]).all() and r.status[0] == NO_TEACHER     # the source does not stand in
+    np.testing.assert_allclose(r.q[1], [0, 1, 0])
