@@ -90,7 +90,7 @@ def main():
     transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
         [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
     cells = {}
-    for (source, target), seed in itertools.product(transfers, args.seeds):
+    for seed, (source, target) in itertools.product(args.seeds, transfers):   # a whole seed first
         name = f"{source}→{target}"
         cells[(name, seed, "main")] = run_cell(source, target, seed, out_root, args.scale)
         for ablation in args.ablations:
