@@ -100,3 +100,10 @@ def evaluate_shard(model, shard, device, num_classes: int, batch_size: int = 64)
     y, p, _ = predict_batches(model, batches, device)
     cm = confusion_matrix(y, p, num_classes) if len(y) else np.zeros((num_classes, num_classes))
     return all_reduce_sum(cm.astype(np.float64)).astype(np.int64)
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints, so that nearby tuples give unrelated random streams."""
+    import hashlib
+    digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -21,7 +21,7 @@ from ..config import MiFuseConfig
 from ..fusion import fuse, teacher_stats
 from ..labeling import fuse_draws, stored_draws
 from ..metrics import uar_from_confusion
-from .common import augment, crop_batch, device_for_worker, evaluate_shard, warmup_cosine
+from .common import augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, warmup_cosine
 from .ema import EMATeacher, decay_from_half_life
 from .losses import diversity_kl, information_maximization, soft_label_kl
 
@@ -73,8 +73,6 @@ def _student_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
-    rng = np.random.default_rng([config["seed"], rank])
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     device = device_for_worker()
     mode = config["mode"]
 
@@ -110,6 +108,11 @@ def _student_loop(config: dict) -> None:
     dev_shard = ray.train.get_dataset_shard("dev")
     crop = config["crop_len"]
     for epoch in range(start_epoch, config["epochs"]):
+        # Random streams seeded per (seed, rank, epoch): a run resumed from a checkpoint draws the same
+        # crops, augmentations and dropout masks in its remaining epochs as an uninterrupted run.
+        torch.manual_seed(hash_seed(config["seed"], rank, epoch))
+        rng = np.random.default_rng([config["seed"], rank, epoch])
+        gen = torch.Generator().manual_seed(hash_seed(config["seed"], rank, epoch, 1))
         model.train()
         student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and
                       config["freeze_bn"] else None)
