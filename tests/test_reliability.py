@@ -86,3 +86,52 @@ def test_killed_driver_resumes_from_cache_with_identical_output(ray_cluster, sou
     assert list(a.clip_id) == list(b.clip_id) and len(a) == n_clips
     for col in ("lalm_votes", "source_votes", "lalm_raw"):
         assert [list(x) for x in a[col]] == [list(x) for x in b[col]], col
+
+
+SECRET = "sk-mifuse-reliability-SECRET-7171"    # conftest puts it in the cluster's environment too
+
+
+def test_api_key_reaches_the_endpoint_and_is_never_written(ray_cluster, source_model, demo_root, tmp_path):
+    """The key reaches an endpoint that requires it, by both routes a deployment uses, and appears
+    nowhere: driver and job output, Ray's own session logs, Parquet, plots, the response cache.
+
+    1. A driver joining a cluster whose workers lack the key forwards it to the stage actors.
+    2. Under ``ray job submit`` the key is a cluster-wide secret in every node's environment (as the
+       KubeRay manifest does with a Secret). Passing it in the runtime env's ``env_vars`` would not do:
+       Ray's runtime-env agent writes those values to its log.
+    """
+    import ray
+    manifest = pd.read_parquet(os.path.join(demo_root, "podcast", "manifest.parquet"))
+    subset = manifest[manifest.split == "adapt"].head(16).copy()
+    subset["path"] = [os.path.join(demo_root, "podcast", p) if not os.path.isabs(p) else p for p in subset.path]
+    target = str(tmp_path / "subset.parquet")
+    subset.to_parquet(target)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    with BackgroundServer(ServerConfig(api_key=SECRET)) as server:
+        driver = subprocess.run(label_cmd(target, source_model, str(tmp_path / "driver"), server.url,
+                                          ["--lalm.api_key_env", "MIFUSE_DRIVER_ONLY_KEY"]),
+                                env={**os.environ, "MIFUSE_DRIVER_ONLY_KEY": SECRET},
+                                capture_output=True, text=True, timeout=600)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        runtime_env = json.dumps({"excludes": [".venv", ".git", "demo_data", "outputs", "*.pyc", ".hypothesis"]})
+        job_cmd = label_cmd(target, source_model, str(tmp_path / "job"), server.url,
+                            ["--lalm.api_key_env", "MIFUSE_CLUSTER_KEY"])
+        job_cmd[:2] = [sys.executable, "jobs/label.py"]
+        submitted = subprocess.run([ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir",
+                                    ".", "--runtime-env-json", runtime_env, "--", *job_cmd],
+                                   cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+        assert server.stats["rejected_auth"] == 0 and server.stats["completions"] >= 2 * 16
+    for run in ("driver", "job"):
+        table = pd.read_parquet(os.path.join(tmp_path, run, "labels", "labels.parquet"))
+        assert len(table) == 16 and table.error.isna().all()      # every request was authorised
+    assert SECRET not in driver.stdout + driver.stderr and SECRET not in submitted.stdout + submitted.stderr
+    session_logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    leaks = []
+    for root in (str(tmp_path / "driver"), str(tmp_path / "job"), session_logs):
+        for folder, _, files in os.walk(root):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as fh:
+                    if SECRET.encode() in fh.read():
+                        leaks.append(os.path.join(folder, name))
+    assert not leaks, leaks

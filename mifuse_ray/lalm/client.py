@@ -61,6 +61,33 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+class Secret:
+    """An API key on its way from the driver to the stage actors: printing, logging or an error
+    message that formats the actor's arguments shows ``Secret(***)``, never the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Secret, (self._value,))
+
+
+def api_key_from_env(cfg: LALMConfig) -> Secret | None:
+    """The key named by ``lalm.api_key_env`` in this process's environment, if it is set."""
+    value = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    return Secret(value) if value else None
+
+
 @dataclass
 class ResolvedLALM:
     """LALMConfig with the preset applied and the key read from the environment (never stored)."""
@@ -79,7 +106,9 @@ class ResolvedLALM:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
-def resolve(cfg: LALMConfig, labels, base_url: str = "") -> ResolvedLALM:
+def resolve(cfg: LALMConfig, labels, base_url: str = "", api_key: Secret | None = None) -> ResolvedLALM:
+    """The preset applied and the key taken from ``api_key`` (forwarded by the driver) or else from
+    this process's environment."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"lalm.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
     preset = PRESETS[cfg.preset]
@@ -91,7 +120,7 @@ def resolve(cfg: LALMConfig, labels, base_url: str = "") -> ResolvedLALM:
     if not is_loopback(url) and not cfg.allow_remote_audio:
         raise ConfigError(f"lalm.base_url {url} is not on this machine: sending audio there needs "
                           "lalm.allow_remote_audio=true in the config")
-    api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    api_key = (api_key or api_key_from_env(cfg) or Secret("")).reveal()
     if not api_key and not is_loopback(url):
         raise ConfigError(f"no API key: set the environment variable {cfg.api_key_env} "
                           f"(named by lalm.api_key_env) for {url}")

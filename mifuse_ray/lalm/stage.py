@@ -11,7 +11,7 @@ import pandas as pd
 from ..audio import encode_wav
 from ..config import LALMConfig
 from .cache import ResponseCache
-from .client import LALMClient, SpendCapReached, resolve
+from .client import LALMClient, Secret, SpendCapReached, resolve
 from .limits import RateLimiter
 
 LIMITER_ACTOR = "mifuse_lalm_limiter"
@@ -22,9 +22,10 @@ OUTPUT_COLUMNS = ("lalm_votes", "lalm_soft", "lalm_raw", "lalm_reasons", "lalm_r
 
 class LALMStage:
     def __init__(self, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
-                 limiter_actor: str = "", max_requests: int = 0):
-        # The API key is read from this process's environment here, never pickled with the stage.
-        self.lalm = resolve(cfg, labels, base_url)
+                 limiter_actor: str = "", max_requests: int = 0, api_key: Secret | None = None):
+        # The driver forwards its key (workers of a cluster it joined do not share its environment);
+        # without one, the key is read from this worker's environment (a cluster-wide secret).
+        self.lalm = resolve(cfg, labels, base_url, api_key)
         self.cfg, self.labels, self.sample_rate = cfg, list(labels), sample_rate
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.limiter_actor, self.max_requests = limiter_actor, max_requests
