@@ -91,30 +91,31 @@ def run_ray_data_llm(url, wavs, batch):
     return proc(ds).materialize().count()
 
 
-def run_mifuse_stage(url, wavs, concurrency, batch):
+def run_mifuse_stage(url, wavs, concurrency, batch, batches_in_flight):
+    """The same stage construction as labeling (add_lalm_stage), on pre-decoded clips."""
+    import io
     import pandas as pd
     import ray
     import soundfile as sf
-    import io
     from mifuse_ray.config import LALMConfig
     from mifuse_ray.labels import DEFAULT_LABELS
-    from mifuse_ray.lalm.stage import LALMStage
+    from mifuse_ray.lalm.stage import add_lalm_stage
     audio = [sf.read(io.BytesIO(w), dtype="float32")[0] for w in wavs]
     df = pd.DataFrame({"clip_id": [str(i) for i in range(len(wavs))], "audio": audio, "error": [None] * len(wavs)})
-    cfg = LALMConfig(n_answers=1, concurrency=concurrency, batch_size=batch)
+    cfg = LALMConfig(n_answers=1, concurrency=concurrency, batch_size=batch, batches_in_flight=batches_in_flight)
     ds = ray.data.from_pandas(df).repartition(max(1, len(df) // batch))
-    out = ds.map_batches(LALMStage, batch_format="pandas", batch_size=batch, concurrency=1, num_cpus=0.25,
-                         max_concurrency=max(2, concurrency // batch + 1),
-                         fn_constructor_kwargs=dict(cfg=cfg, labels=DEFAULT_LABELS, base_url=url, cache_dir=""))
-    return out.materialize().count()
+    return add_lalm_stage(ds, cfg, DEFAULT_LABELS, url, cache_dir="").materialize().count()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--sequential-requests", type=int, default=50)
+    p.add_argument("--ray-data-llm-requests", type=int, default=600, help="it runs at ~12 req/s")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--latency", type=float, default=0.1)
+    p.add_argument("--batches-in-flight", type=int, nargs="+", default=[1, 4, 8],
+                   help="mifuse stage variants (lalm.batches_in_flight; the default config uses 8)")
     args = p.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "serve_lalm.py"), "--port", str(port),
@@ -134,9 +135,10 @@ def main():
                 ("bare asyncio + aiohttp", lambda w: run_bare_asyncio(url, w, args.concurrency), args.requests,
                  args.concurrency),
                 ("ray.data.llm HttpRequestProcessor", lambda w: run_ray_data_llm(url, w, args.concurrency),
-                 args.requests, args.concurrency),
-                ("mifuse_ray LALM stage (Ray Data)", lambda w: run_mifuse_stage(url, w, args.concurrency, 64),
-                 args.requests, args.concurrency)):
+                 args.ray_data_llm_requests, args.concurrency),
+                *((f"mifuse_ray LALM stage, {b} batch(es) in flight per actor",
+                   lambda w, b=b: run_mifuse_stage(url, w, args.concurrency, 64, b), args.requests, args.concurrency)
+                  for b in args.batches_in_flight)):
             http(base + "/stats/reset", b"")
             wavs = clips(n, seed=len(rows))
             t = time.perf_counter()

@@ -59,6 +59,7 @@ class LALMConfig:
     num_actors: int = 1
     actor_cpus: float = 0.25
     batch_size: int = 64
+    batches_in_flight: int = 8          # batches one actor works on at once: no idle gap between batches
     qps: float = 0.0                    # cluster-wide requests/s (0: unlimited)
     cache_dir: str = ""                 # empty: <output>/lalm_cache
     max_requests: int = 0               # hard cap on requests sent by one run (0: none)

@@ -107,7 +107,7 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
     from .data import read_decoded
     from .lalm.limits import bucket_actor
     from .lalm.client import api_key_from_env
-    from .lalm.stage import LIMITER_ACTOR, LALMStage
+    from .lalm.stage import LIMITER_ACTOR, add_lalm_stage
     from .source_stage import SourceTeacherStage
 
     start = time.time()
@@ -129,12 +129,8 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
     if cfg.lalm.qps > 0 or max_requests:
         limiter_name = f"{LIMITER_ACTOR}_{os.getpid()}_{int(start)}"
         limiter = bucket_actor(limiter_name, cfg.lalm.qps, max_requests)
-    ds = ds.map_batches(
-        LALMStage, batch_format="pandas", batch_size=cfg.lalm.batch_size,
-        fn_constructor_kwargs=dict(cfg=cfg.lalm, labels=cfg.labels, base_url=lalm_base_url, cache_dir=cache_dir,
-                                   sample_rate=cfg.audio.sample_rate, limiter_actor=limiter_name,
-                                   max_requests=max_requests, api_key=api_key_from_env(cfg.lalm)),
-        concurrency=cfg.lalm.num_actors, num_cpus=cfg.lalm.actor_cpus, max_concurrency=4)
+    ds = add_lalm_stage(ds, cfg.lalm, cfg.labels, lalm_base_url, cache_dir, cfg.audio.sample_rate, limiter_name,
+                        max_requests, api_key_from_env(cfg.lalm))
     ds = ds.map_batches(_fusion_stage, batch_format="pandas", fn_kwargs=dict(num_classes=C, fusion_cfg=cfg.fusion),
                         num_cpus=0.25)
     table = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)

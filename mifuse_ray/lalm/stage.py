@@ -85,3 +85,21 @@ class LALMStage:
 
     async def __call__(self, batch: pd.DataFrame):
         yield await self.ask_batch(batch)
+
+
+def add_lalm_stage(ds, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
+                   limiter_actor: str = "", max_requests: int = 0, api_key: Secret | None = None):
+    """Append the LALM stage to a Ray Data pipeline of decoded clips.
+
+    Each actor works on ``batches_in_flight`` batches at once (async calls on one event loop), so
+    the requests of the next batch are already out while the last answers of the current one
+    arrive; ``concurrency`` still bounds the requests in flight per actor.
+    """
+    import ray.data
+    compute = ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=cfg.batches_in_flight,
+                                         max_concurrent_calls_per_actor=cfg.batches_in_flight)
+    return ds.map_batches(
+        LALMStage, batch_format="pandas", batch_size=cfg.batch_size, compute=compute, num_cpus=cfg.actor_cpus,
+        fn_constructor_kwargs=dict(cfg=cfg, labels=labels, base_url=base_url, cache_dir=cache_dir,
+                                   sample_rate=sample_rate, limiter_actor=limiter_actor, max_requests=max_requests,
+                                   api_key=api_key))
