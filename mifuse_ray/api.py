@@ -125,7 +125,8 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
     ckpt_files = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
     ckpt_hash = [file_sha256(os.path.join(checkpoint, f)) for f in ckpt_files]
     lalm = {k: v for k, v in dataclasses.asdict(cfg.lalm).items()
-            if k not in ("concurrency", "num_actors", "actor_cpus", "batch_size", "dry_run", "cache_dir")}
+            if k not in ("concurrency", "num_actors", "actor_cpus", "batch_size", "batches_in_flight", "dry_run",
+                         "cache_dir")}
     payload = {"clips": sorted(df["clip_id"]), "paths": sorted(df["path"]), "ckpt": ckpt_hash, "lalm": lalm,
                "endpoint": "offline" if cfg.lalm.preset == "offline" and not cfg.lalm.base_url else base_url,
                "source": {k: v for k, v in dataclasses.asdict(cfg.source).items()

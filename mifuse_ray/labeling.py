@@ -101,7 +101,7 @@ class LabelingResult:
 
 
 def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, source_checkpoint: str,
-                 lalm_base_url: str, select_for_lalm=None) -> LabelingResult:
+                 lalm_base_url: str) -> LabelingResult:
     """Run both teachers and fusion over ``target_df`` with Ray Data; write ``labels.parquet``."""
     import ray
     from .data import read_decoded
@@ -121,8 +121,7 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
                                    scope=src.mc_scope, seed=src.seed, dropout_override=src.dropout_override,
                                    amp=src.amp, labels=cfg.labels),
         concurrency=src.num_actors, num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
-    if select_for_lalm is not None:
-        ds = select_for_lalm(ds)
+    ds, asked = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
     max_requests = effective_request_cap(cfg, target_df)
     limiter_name = ""
@@ -140,8 +139,43 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
     labels_path = os.path.join(out_dir, "labels.parquet")
     write_parquet(table, labels_path)
     summary = summarize(table, cfg.labels)
+    summary["lalm_budget"] = {"budget": cfg.lalm.budget, "selection": cfg.lalm.budget_selection,
+                              "clips_asked": int(table["lalm_asked"].sum()) if asked is not None
+                              else int(table["error"].isna().sum()), "clips_decoded": int(table["error"].isna().sum())}
     summary["seconds"] = time.time() - start
     return LabelingResult(labels_path, table, summary)
+
+
+def selection_uncertainty(table: pd.DataFrame, num_classes: int) -> np.ndarray:
+    """BALD mutual information of the source model's MC-dropout passes, per clip."""
+    votes = _stack_lists(table["source_votes"], fill=-1)
+    probs = _stack_lists(table["source_probs"], fill=np.nan, inner=num_classes)
+    return np.asarray(teacher_stats(votes, num_classes, probs).mi)
+
+
+def _select_for_budget(ds, cfg: MiFuseConfig):
+    """With ``lalm.budget`` below all decoded clips: a global step between the source and LALM
+    stages that marks the clips to ask (``lalm_asked``). The source stage's output is materialised
+    (decoded audio included; Ray spills it to disk when large) because the choice needs every
+    clip's uncertainty and embedding at once."""
+    from .selection import budget_count, select_clips
+    ds = ds.materialize()
+    meta = ds.select_columns(["clip_id", "error", "source_votes", "source_probs", "embedding"]).to_pandas()
+    decoded = meta[meta["error"].isna()].reset_index(drop=True)
+    k = budget_count(cfg.lalm.budget, len(decoded))
+    if k >= len(decoded):
+        return ds, None
+    emb = np.stack([np.asarray(e, dtype=np.float32) for e in decoded["embedding"]]) if len(decoded) else np.zeros((0, 1))
+    mask = select_clips(selection_uncertainty(decoded, len(cfg.labels)), emb, k, cfg.lalm.budget_selection,
+                        seed=cfg.source.seed)
+    asked = set(decoded.loc[mask, "clip_id"])
+    log.info("LALM budget: asking %d of %d decoded clips (%s)", len(asked), len(decoded), cfg.lalm.budget_selection)
+
+    def mark(batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.copy()
+        batch["lalm_asked"] = batch["clip_id"].isin(asked)
+        return batch
+    return ds.map_batches(mark, batch_format="pandas", num_cpus=0.25), asked
 
 
 def write_parquet(df: pd.DataFrame, path: str) -> None:
@@ -168,9 +202,9 @@ def _ensure_every_clip(table: pd.DataFrame, target_df: pd.DataFrame) -> pd.DataF
 
 def estimate_spend(cfg: MiFuseConfig, target_df: pd.DataFrame) -> dict:
     """Upper bound of requests, audio seconds and cost for asking every clip (before the cache)."""
+    from .selection import budget_count
     clips = len(target_df)
-    budget = cfg.lalm.budget
-    asked = int(round(budget * clips)) if budget <= 1 else int(min(budget, clips))
+    asked = budget_count(cfg.lalm.budget, clips)
     from .lalm.client import PRESETS
     preset = PRESETS.get(cfg.lalm.preset)
     use_n = preset.supports_n if cfg.lalm.use_n is None and preset else bool(cfg.lalm.use_n)

@@ -107,3 +107,26 @@ def test_spend_cap_stops_sending(ray_cluster, source_model, demo_root, tmp_path)
         assert server.stats["requests"] == 5
         assert (res.table["lalm_error"] == "spend_cap_reached").sum() == 7
         assert len(res.table) == 12
+
+
+def test_lalm_budget_asks_only_the_selected_clips(ray_cluster, source_model, demo_root, tmp_path):
+    """lalm.budget = 0.25: the selection step between the teachers marks a quarter of the clips, only
+    they are sent, the rest are fused from the source teacher alone, and the choice is exactly what
+    select_clips makes of the stored source draws and embeddings."""
+    from mifuse_ray.labeling import label_target, selection_uncertainty
+    from mifuse_ray.selection import select_clips
+    df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(24)
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes, cfg.lalm.budget = 2, 4, 0.25
+    with BackgroundServer(ServerConfig()) as server:
+        res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
+        assert server.stats["answers"] == 6 * 2                       # 6 clips asked, 2 answers each
+    t = res.table
+    assert len(t) == 24 and t.error.isna().all() and t.lalm_asked.sum() == 6
+    assert res.summary["lalm_budget"]["clips_asked"] == 6
+    assert (t.loc[~t.lalm_asked, "lalm_error"] == "not_selected_for_lalm").all()
+    assert (t.loc[~t.lalm_asked, "weight_lalm"] == 0).all() and (t.loc[t.lalm_asked, "lalm_n"] == 2).all()
+    assert np.isfinite(np.stack(t.q)).all()                           # every clip still gets a soft label
+    emb = np.stack([np.asarray(e) for e in t.embedding])
+    again = select_clips(selection_uncertainty(t, 4), emb, 6, "mi_diverse", seed=cfg.source.seed)
+    assert list(t.clip_id[again]) == list(t.clip_id[t.lalm_asked])

@@ -45,7 +45,7 @@ class LALMStage:
     async def ask_batch(self, batch: pd.DataFrame) -> pd.DataFrame:
         client = await self._client()
         n, C = self.cfg.n_answers, len(self.labels)
-        ask = batch["ask_lalm"].to_numpy(bool) if "ask_lalm" in batch.columns else np.ones(len(batch), bool)
+        ask = batch["lalm_asked"].to_numpy(bool) if "lalm_asked" in batch.columns else np.ones(len(batch), bool)
         ok = batch["error"].isna().to_numpy() & ask
 
         async def one(i):
