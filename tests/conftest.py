@@ -64,3 +64,20 @@ def wait_for(predicate, timeout=60.0, interval=0.2):
             return True
         time.sleep(interval)
     return False
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A randomly initialised wav2vec2-style classifier saved like a real checkpoint."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
+                         num_labels=4, hidden_dropout=0.1, activation_dropout=0.1, final_dropout=0.1,
+                         mask_time_prob=0.5, layerdrop=0.5,
+                         id2label={0: "neutral", 1: "happy", 2: "angry", 3: "sad"},
+                         label2id={"neutral": 0, "happy": 1, "angry": 2, "sad": 3})
+    import torch
+    torch.manual_seed(0)
+    Wav2Vec2ForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    return str(tmp_path / "hf")

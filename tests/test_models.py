@@ -1,3 +1,6 @@
+"""Models: HF wrapper, MC dropout, checkpoints, LoRA students."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,22 +17,6 @@ def batch(n=3, seconds=1.0, seed=0):
     wav = 0.1 * torch.randn(n, int(16000 * seconds), generator=g)
     lengths = torch.tensor([wav.shape[1] - 800 * i for i in range(n)])
     return wav, lengths
-
-
-@pytest.fixture
-def tiny_hf_dir(tmp_path):
-    """A randomly initialised wav2vec2-style classifier saved like a real checkpoint."""
-    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
-    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
-                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
-                         num_labels=4, hidden_dropout=0.1, activation_dropout=0.1, final_dropout=0.1,
-                         mask_time_prob=0.5, layerdrop=0.5,
-                         id2label={0: "neutral", 1: "happy", 2: "angry", 3: "sad"},
-                         label2id={"neutral": 0, "happy": 1, "angry": 2, "sad": 3})
-    torch.manual_seed(0)
-    Wav2Vec2ForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
-    return str(tmp_path / "hf")
 
 
 def test_hf_wrapper_loads_from_local_directory_and_round_trips(tiny_hf_dir, tmp_path):
@@ -95,3 +82,33 @@ def test_cnn_checkpoint_is_self_describing(tmp_path):
     assert all(m.p == 0.5 for m in loaded.modules() if isinstance(m, torch.nn.Dropout))
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "nothing"))
+
+
+def test_lora_student_saves_only_the_adapter_and_round_trips_exactly(tiny_hf_dir, tmp_path):
+    from mifuse_ray.models.lora import apply_lora, trainable_fraction
+    base = load_model(tiny_hf_dir)
+    student = apply_lora(base, tiny_hf_dir, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    trainable, total = trainable_fraction(student)
+    print(f"LoRA r=4 on q/v + head: {trainable} of {total} parameters trainable ({trainable / total:.1%})")
+    assert 0 < trainable < 0.25 * total
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "projector" in n or "classifier" in n for n in names)
+    # one optimiser step moves the adapter and head only
+    wav, lengths = batch()
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
+    student.eval()
+    torch.nn.functional.cross_entropy(student(wav, lengths), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    with torch.no_grad():
+        want = student(wav, lengths)
+    student.save(str(tmp_path / "adapter"))
+    files = os.listdir(tmp_path / "adapter")
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    adapter_bytes = os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors")
+    base_bytes = os.path.getsize(os.path.join(tiny_hf_dir, "model.safetensors"))
+    assert adapter_bytes < 0.5 * base_bytes
+    again = load_model(str(tmp_path / "adapter"))
+    assert again.arch == "hf_lora" and again.labels == student.labels
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav, lengths), want, rtol=0, atol=0)     # exact
+        assert not torch.equal(load_model(tiny_hf_dir)(wav, lengths), want)         # and not the base model

@@ -122,3 +122,27 @@ def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_
     assert abs(resumed["train_loss"] - uninterrupted["train_loss"]) <= 0.1 * abs(uninterrupted["train_loss"]) + 0.02
     assert abs(resumed["dev_uar"] - uninterrupted["dev_uar"]) <= 0.1
     assert abs(resumed["ema_dev_uar"] - uninterrupted["ema_dev_uar"]) <= 0.1
+
+
+def test_lora_student_trains_with_ray_train_and_saves_adapters(small_labels, tiny_hf_dir, tmp_path):
+    """train.lora_rank > 0 on a transformers source: the run trains adapters, and the exported
+    student and EMA are adapter directories that load back onto the base model."""
+    from mifuse_ray.models.base import load_model
+    from mifuse_ray.train.student import train_student
+    table, dev = small_labels
+    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, refuse_from_epoch=5)
+    res = train_student(cfg, table, dev, tiny_hf_dir, str(tmp_path), run_name="lora")
+    for d in (res.student_dir, res.ema_dir):
+        assert "adapter_model.safetensors" in os.listdir(d) and "model.safetensors" not in os.listdir(d)
+        assert load_model(d).arch == "hf_lora"
+    base = load_model(tiny_hf_dir).state_dict()
+    trained = load_model(res.student_dir).state_dict()
+    frozen = {k.replace("model.base_model.model.", "model.").replace(".base_layer", "").replace(".original_module", ""): v
+              for k, v in trained.items()
+              if "lora_" not in k and "modules_to_save" not in k}
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)   # base untouched
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)          # adapters trained (B starts at zero)
+    head = [k for k in trained if "modules_to_save" in k and "classifier.modules_to_save" in k and k.endswith("weight")]
+    assert head and not torch.equal(trained[head[0]], base[head[0].replace("model.base_model.model.", "model.")
+                                                          .replace(".modules_to_save.default", "")])

@@ -76,7 +76,15 @@ def _student_loop(config: dict) -> None:
     device = device_for_worker()
     mode = config["mode"]
 
-    student = load_model(config["source_checkpoint"]).to(device)
+    student = load_model(config["source_checkpoint"])
+    if config["lora_rank"] > 0:
+        from ..models.lora import apply_lora, trainable_fraction
+        student = apply_lora(student, config["source_checkpoint"], config["lora_rank"], config["lora_alpha"],
+                             config["lora_target_modules"], config["lora_dropout"])
+        trainable, total = trainable_fraction(student)
+        if rank == 0:
+            print(f"LoRA student: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+    student = student.to(device)
     steps_per_epoch = max(1, config["n_train"] // (config["batch_size"] * world))
     alpha = decay_from_half_life(config["ema_half_life_epochs"], steps_per_epoch) \
         if config["ema_half_life_epochs"] > 0 else config["ema_decay"]
@@ -261,7 +269,8 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
         grad_clip=t.grad_clip, lambda_div=t.lambda_div, prior=class_prior(cfg, table), epochs=t.epochs,
         batch_size=t.batch_size, ema_decay=t.ema_decay, ema_half_life_epochs=t.ema_half_life_epochs,
         refuse_from_epoch=t.refuse_from_epoch, ema_mc_passes=t.ema_mc_passes, ema_mc_scope=t.ema_mc_scope,
-        amp=t.amp, augment=t.augment, noise_snr_db=tuple(t.noise_snr_db), gain_db=t.gain_db,
+        amp=t.amp, augment=t.augment, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+        lora_target_modules=list(t.lora_target_modules), noise_snr_db=tuple(t.noise_snr_db), gain_db=t.gain_db,
         max_shift=int(t.max_shift_s * cfg.audio.sample_rate), speed_range=tuple(t.speed_range),
         crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(table),
         source_checkpoint=os.path.abspath(source_checkpoint), fusion=dataclasses.asdict(cfg.fusion),
