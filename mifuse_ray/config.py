@@ -132,6 +132,10 @@ class TrainConfig:
     gain_db: float = 6.0
     max_shift_s: float = 0.2
     speed_range: tuple[float, float] = (0.9, 1.1)
+    distill_teacher: str = "ema"        # ema | source: the model the distillation terms follow
+    distill_kl_weight: float = 0.0      # > 0: + w · T² KL(teacher/T || student/T) on the logits
+    distill_temperature: float = 2.0
+    cka_weight: float = 0.0             # > 0: + w · (1 − attention-weighted CKA) of frame features
     lora_rank: int = 0                  # > 0: train a LoRA adapter + head on a transformers source model
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -295,6 +299,9 @@ def validate(cfg: MiFuseConfig) -> None:
         (cfg.train.prior in ("uniform", "q_mean"), "train.prior must be 'uniform' or 'q_mean'"),
         (cfg.audio.long_audio in ("reject", "split"), "audio.long_audio must be 'reject' or 'split'"),
         (len(cfg.labels) >= 2 and len(set(cfg.labels)) == len(cfg.labels), "labels must be ≥ 2 distinct names"),
+        (cfg.train.distill_teacher in ("ema", "source"), "train.distill_teacher must be ema or source"),
+        (cfg.train.distill_kl_weight >= 0 and cfg.train.cka_weight >= 0 and cfg.train.distill_temperature > 0,
+         "train.distill_kl_weight and train.cka_weight must be ≥ 0, train.distill_temperature > 0"),
         (cfg.train.lora_rank >= 0, "train.lora_rank must be ≥ 0 (0: fine-tune the whole student)"),
         (cfg.lalm.budget > 0, "lalm.budget must be > 0 (a fraction ≤ 1 or a count)"),
         (cfg.lalm.budget_selection in ("mi_diverse", "random"), "lalm.budget_selection must be mi_diverse or random"),

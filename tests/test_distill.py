@@ -39,3 +39,22 @@ def test_losses_have_gradients_and_teacher_is_detached():
     assert align_frames(t.detach(), 10).shape == (2, 10, 32)
     logits = torch.randn(4, 4, requires_grad=True)
     assert logit_kl(logits, logits.detach()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frame_attention_and_distill_terms():
+    from mifuse_ray.train.distill import distill_terms, frame_attention
+    torch.manual_seed(0)
+    frames = torch.randn(3, 10, 8)
+    mask = torch.ones(3, 10)
+    mask[1, 6:] = 0
+    w = frame_attention(frames, mask)
+    torch.testing.assert_close(w.sum(1), torch.ones(3))
+    assert (w[1, 6:] == 0).all() and (w[1, :6] > 0).all()
+    logits = torch.randn(3, 4)
+    same = distill_terms(logits, frames, mask, logits, frames, mask, 1.0, 2.0, 1.0)
+    assert same["distill_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert same["cka"].item() == pytest.approx(0.0, abs=1e-6)        # identical representations: CKA = 1
+    wider = torch.cat([frames, frames @ torch.randn(8, 24)], -1)      # another width, same information
+    other = distill_terms(torch.randn(3, 4), torch.randn(3, 10, 8), mask, logits, wider, mask, 0.5, 2.0, 0.5)
+    assert other["distill_kl"].item() > 0 and 0 < other["cka"].item() <= 0.5
+    assert "cka" not in distill_terms(logits, None, None, logits, None, None, 1.0, 2.0, 0.0)

@@ -124,14 +124,20 @@ def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_
     assert abs(resumed["ema_dev_uar"] - uninterrupted["ema_dev_uar"]) <= 0.1
 
 
-def test_lora_student_trains_with_ray_train_and_saves_adapters(small_labels, tiny_hf_dir, tmp_path):
+def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_path):
     """train.lora_rank > 0 on a transformers source: the run trains adapters, and the exported
-    student and EMA are adapter directories that load back onto the base model."""
+    student and EMA are adapter directories that load back onto the base model. The same run has
+    the logit-KL and CKA distillation terms on (source teacher): both are logged and finite."""
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
-    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, refuse_from_epoch=5)
+    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, refuse_from_epoch=5, distill_teacher="source",
+                   distill_kl_weight=0.5, cka_weight=0.5)
     res = train_student(cfg, table, dev, tiny_hf_dir, str(tmp_path), run_name="lora")
+    last = res.history[-1]
+    assert np.isfinite(last["train_distill_kl"]) and last["train_distill_kl"] >= 0
+    assert 0 <= last["train_cka"] <= 0.5 + 1e-6                       # 0.5 · (1 − CKA), CKA ∈ [0, 1]
+    assert last["train_loss"] >= last["train_kl"] + last["train_cka"] - 1e-6
     for d in (res.student_dir, res.ema_dir):
         assert "adapter_model.safetensors" in os.listdir(d) and "model.safetensors" not in os.listdir(d)
         assert load_model(d).arch == "hf_lora"

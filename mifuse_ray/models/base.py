@@ -50,8 +50,15 @@ class SERModel(nn.Module):
     def head_module(self) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(wav, lengths))
+    def frames(self, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame-level features (B, T, D) and their validity mask (B, T), for CKA distillation."""
+        raise NotImplementedError
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor, return_frames: bool = False):
+        """Logits; with ``return_frames`` also ``frames(...)``, from the same pass (one DDP forward)."""
+        features = self.trunk(wav, lengths)
+        logits = self.head(features)
+        return (logits, *self.frames(features)) if return_frames else logits
 
     # -- checkpoints ---------------------------------------------------------------------
     def arch_config(self) -> dict:

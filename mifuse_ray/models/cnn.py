@@ -45,7 +45,7 @@ class LogMelCNN(SERModel):
         self.head_net = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(2 * c_in, embed_dim), nn.ReLU(),
                                       nn.Dropout(head_dropout), nn.Linear(embed_dim, len(self.labels)))
 
-    def trunk(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def trunk(self, wav: torch.Tensor, lengths: torch.Tensor) -> dict:
         with torch.autocast(device_type=wav.device.type, enabled=False):
             spec = self.melspec(wav.float())
         logmel = torch.log(spec + self.config["log_floor"])                         # (B, mels, frames)
@@ -63,16 +63,20 @@ class LogMelCNN(SERModel):
         n = mask.sum(1, keepdim=True)
         mean = (x * mask[:, None]).sum(-1) / n
         var = ((x - mean[..., None]) ** 2 * mask[:, None]).sum(-1) / n
-        return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)  # (B, 2C) pooled statistics
+        pooled = torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)  # (B, 2C) pooled statistics
+        return {"pooled": pooled, "frames": x.transpose(1, 2), "frame_mask": mask}
 
     def head_module(self) -> nn.Module:
         return self.head_net
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head_net(features)
+    def head(self, features: dict) -> torch.Tensor:
+        return self.head_net(features["pooled"])
 
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head_net[2](self.head_net[1](features))
+    def embed(self, features: dict) -> torch.Tensor:
+        return self.head_net[2](self.head_net[1](features["pooled"]))
+
+    def frames(self, features: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return features["frames"], features["frame_mask"]
 
     def arch_config(self) -> dict:
         return dict(self.config)

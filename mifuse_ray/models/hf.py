@@ -60,6 +60,9 @@ class HFAudioClassifier(SERModel):
     def embed(self, features: dict) -> torch.Tensor:
         return self._pool(features, dropout=False)
 
+    def frames(self, features: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return features["hidden"], features["frame_mask"]
+
     def save(self, directory: str, extra: dict | None = None) -> None:
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)

@@ -46,3 +46,27 @@ def cka_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, frame_wei
     teacher = align_frames(teacher_feats.detach().float(), T)
     w = None if frame_weights is None else frame_weights.reshape(B * T)
     return 1.0 - weighted_cka(student_feats.reshape(B * T, -1), teacher.reshape(B * T, -1), w).to(student_feats.dtype)
+
+
+def frame_attention(teacher_frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) frame weights: a softmax over each clip's valid frames of the teacher's frame-feature
+    norms (the frames the teacher responds to most), each clip summing to 1 so that long clips do
+    not dominate. The models pool with a mean, not attention, so the norm stands in for it."""
+    score = teacher_frames.detach().float().norm(dim=-1)
+    score = score.masked_fill(mask <= 0, float("-inf"))
+    return torch.softmax(score, dim=1)
+
+
+def distill_terms(student_logits, student_frames, student_mask, teacher_logits, teacher_frames, teacher_mask,
+                  kl_weight: float, temperature: float, cka_weight: float) -> dict[str, torch.Tensor]:
+    """The optional loss terms (each already weighted) for one batch."""
+    terms = {}
+    if kl_weight > 0:
+        terms["distill_kl"] = kl_weight * logit_kl(student_logits, teacher_logits, temperature)
+    if cka_weight > 0:
+        T = student_frames.shape[1]
+        mask = student_mask.float()
+        teacher = align_frames(teacher_frames.detach().float(), T)
+        weights = frame_attention(teacher, mask) * (align_frames(teacher_mask.float()[..., None], T)[..., 0] > 0.5)
+        terms["cka"] = cka_weight * cka_loss(student_frames.float(), teacher, weights.clamp_min(0) + 0.0)
+    return terms

@@ -23,6 +23,7 @@ from ..labeling import fuse_draws, stored_draws
 from ..metrics import uar_from_confusion
 from .common import augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, warmup_cosine
 from .ema import EMATeacher, decay_from_half_life
+from .distill import distill_terms
 from .losses import diversity_kl, information_maximization, soft_label_kl
 
 
@@ -104,6 +105,12 @@ def _student_loop(config: dict) -> None:
             step, last_epoch = _load_checkpoint(d, student, ema, opt, sched)
         start_epoch = last_epoch + 1
     ema.model.to(device)
+    need_frames = config["cka_weight"] > 0
+    distilling = config["distill_kl_weight"] > 0 or need_frames
+    distill_teacher = None
+    if distilling:
+        distill_teacher = ema.model if config["distill_teacher"] == "ema" else \
+            load_model(config["source_checkpoint"]).to(device).eval().requires_grad_(False)
     model = ray.train.torch.prepare_model(student)
     use_amp = config["amp"] and device.type == "cuda"
     prior = torch.tensor(config["prior"], dtype=torch.float32, device=device)
@@ -142,7 +149,8 @@ def _student_loop(config: dict) -> None:
                 sums["weight_lalm"] += float(w[:, 0].mean())
                 sums["ema_mi"] += float(torch.nan_to_num(src.mi).mean())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(wav.to(device), lengths.to(device))
+                out = model(wav.to(device), lengths.to(device), return_frames=need_frames)
+            logits, s_frames, s_mask = out if need_frames else (out, None, None)
             probs = torch.softmax(logits.float(), -1)
             if mode == "shot_im":
                 kl = information_maximization(logits)
@@ -151,6 +159,14 @@ def _student_loop(config: dict) -> None:
                 kl = soft_label_kl(q, logits, c)
                 loss = kl + config["lambda_div"] * diversity_kl(probs, prior) if config["lambda_div"] > 0 else kl
             div = loss - kl
+            if distilling:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    t_logits, t_frames, t_mask = distill_teacher(wav.to(device), lengths.to(device), return_frames=True)
+                terms = distill_terms(logits, s_frames, s_mask, t_logits, t_frames, t_mask,
+                                      config["distill_kl_weight"], config["distill_temperature"], config["cka_weight"])
+                for name, term in terms.items():
+                    loss = loss + term
+                    sums[name] = sums.get(name, 0.0) + float(term.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
@@ -269,7 +285,8 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
         grad_clip=t.grad_clip, lambda_div=t.lambda_div, prior=class_prior(cfg, table), epochs=t.epochs,
         batch_size=t.batch_size, ema_decay=t.ema_decay, ema_half_life_epochs=t.ema_half_life_epochs,
         refuse_from_epoch=t.refuse_from_epoch, ema_mc_passes=t.ema_mc_passes, ema_mc_scope=t.ema_mc_scope,
-        amp=t.amp, augment=t.augment, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+        amp=t.amp, augment=t.augment, distill_teacher=t.distill_teacher, distill_kl_weight=t.distill_kl_weight,
+        distill_temperature=t.distill_temperature, cka_weight=t.cka_weight, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
         lora_target_modules=list(t.lora_target_modules), noise_snr_db=tuple(t.noise_snr_db), gain_db=t.gain_db,
         max_shift=int(t.max_shift_s * cfg.audio.sample_rate), speed_range=tuple(t.speed_range),
         crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(table),
