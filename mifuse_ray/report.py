@@ -91,6 +91,7 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
              f"- clips: {lab.get('clips')}, labelled: {lab.get('labelled')}, failures: {lab.get('failures')}",
              f"- LALM requests sent: {lab.get('lalm_requests')}, answers served from cache: {lab.get('lalm_cache_hits')}"
              f"{' (labels reused from an earlier run)' if lab.get('reused') else ''}",
+             _budget_line(lab.get("lalm_budget")),
              f"- estimated cost of asking every clip: ${spend.get('estimated_usd', 0):.2f} for "
              f"{spend.get('requests')} requests, {spend.get('audio_seconds_sent', 0):.0f} s of audio",
              f"- teacher agreement: {lab.get('teacher_agreement', float('nan')):.3f}, mean LALM weight: "
@@ -107,3 +108,10 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
+
+
+def _budget_line(budget: dict | None) -> str:
+    if not budget:
+        return "- LALM budget: every decoded clip asked"
+    return (f"- LALM budget {budget['budget']:g} ({budget['selection']}): {budget['clips_asked']} of "
+            f"{budget['clips_decoded']} decoded clips asked, the rest fused from the source teacher alone")
