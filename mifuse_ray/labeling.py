@@ -120,7 +120,7 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
         fn_constructor_kwargs=dict(checkpoint=os.path.abspath(source_checkpoint), mc_passes=src.mc_passes,
                                    scope=src.mc_scope, seed=src.seed, dropout_override=src.dropout_override,
                                    amp=src.amp, labels=cfg.labels),
-        concurrency=src.num_actors, num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
+        compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
     ds, asked = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
     max_requests = effective_request_cap(cfg, target_df)
