@@ -159,6 +159,8 @@ def _select_for_budget(ds, cfg: MiFuseConfig):
     (decoded audio included; Ray spills it to disk when large) because the choice needs every
     clip's uncertainty and embedding at once."""
     from .selection import budget_count, select_clips
+    if cfg.lalm.budget == 1.0:          # every clip: keep the pipeline streaming, no barrier
+        return ds, None
     ds = ds.materialize()
     meta = ds.select_columns(["clip_id", "error", "source_votes", "source_probs", "embedding"]).to_pandas()
     decoded = meta[meta["error"].isna()].reset_index(drop=True)
