@@ -68,5 +68,5 @@ def distill_terms(student_logits, student_frames, student_mask, teacher_logits, 
         mask = student_mask.float()
         teacher = align_frames(teacher_frames.detach().float(), T)
         weights = frame_attention(teacher, mask) * (align_frames(teacher_mask.float()[..., None], T)[..., 0] > 0.5)
-        terms["cka"] = cka_weight * cka_loss(student_frames.float(), teacher, weights.clamp_min(0) + 0.0)
+        terms["cka"] = cka_weight * cka_loss(student_frames.float(), teacher, weights)
     return terms
