@@ -94,8 +94,9 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     ema = EMATeacher(student, 0.9)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     sched = warmup_cosine(opt, 100, 0.1)
-    step, epoch = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched)
+    step, epoch, history = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched)
     assert (step, epoch) == (state["step"], 0)
+    assert history == first.history                                  # the metrics so far travel with it
     assert opt.state_dict()["state"][0]["step"].item() == step       # Adam moments restored, not zero
     assert sched.last_epoch == step
 
@@ -106,8 +107,8 @@ def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_
     cfg = tiny_cfg(epochs=3, max_failures=2)
     res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", fail_at_epoch=0)
     assert os.path.exists(os.path.join(tmp_path, "fail.injected_failure"))  # a worker really died mid-epoch
-    epochs = [h["epoch"] for h in res.history]       # the reports of the attempt that finished
-    assert epochs == [1, 2]                           # it restarted at epoch 1, from epoch 0's checkpoint
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]                 # every epoch's metrics, in order
+    assert [h["attempt_start_epoch"] for h in res.history] == [0, 1, 1]   # restarted at epoch 1, from epoch 0's checkpoint
     steps_per_epoch = res.history[1]["step"] - res.history[0]["step"]
     assert res.history[-1]["step"] == 3 * steps_per_epoch           # the step counter was restored too
     again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail")

@@ -27,21 +27,37 @@ from .distill import distill_terms
 from .losses import diversity_kl, information_maximization, soft_label_kl
 
 
-def _save_checkpoint(directory: str, student, ema: EMATeacher, opt, sched, step: int, epoch: int) -> None:
+HISTORY_FILE = "history.json"
+
+
+def _save_checkpoint(directory: str, student, ema: EMATeacher, opt, sched, step: int, epoch: int,
+                     history: list[dict]) -> None:
     student.save(os.path.join(directory, "student"))
     ema.model.save(os.path.join(directory, "ema"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch},
                os.path.join(directory, "train_state.pt"))
+    # Every epoch's metrics so far travel with the checkpoint: Ray Train's own metrics table only
+    # holds the checkpoints it kept, ordered by score, and a resumed attempt starts it afresh.
+    with open(os.path.join(directory, HISTORY_FILE), "w") as fh:
+        json.dump(history, fh, default=float)
 
 
-def _load_checkpoint(directory: str, student, ema: EMATeacher, opt, sched) -> tuple[int, int]:
+def _load_checkpoint(directory: str, student, ema: EMATeacher, opt, sched) -> tuple[int, int, list[dict]]:
     from ..models.base import load_model
     student.load_state_dict(load_model(os.path.join(directory, "student")).state_dict())
     ema.model.load_state_dict(load_model(os.path.join(directory, "ema")).state_dict())
     state = torch.load(os.path.join(directory, "train_state.pt"), weights_only=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    return int(state["step"]), int(state["epoch"])
+    return int(state["step"]), int(state["epoch"]), _read_history(directory)
+
+
+def _read_history(directory: str) -> list[dict]:
+    path = os.path.join(directory, HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def _ema_refused_q(ema_model, wav, lengths, clip_ids, batch, cfg: dict, step: int, device) -> tuple:
@@ -98,11 +114,11 @@ def _student_loop(config: dict) -> None:
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     sched = warmup_cosine(opt, steps_per_epoch * config["epochs"], config["warmup_frac"])
-    step, start_epoch = 0, 0
+    step, start_epoch, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            step, last_epoch = _load_checkpoint(d, student, ema, opt, sched)
+            step, last_epoch, history = _load_checkpoint(d, student, ema, opt, sched)
         start_epoch = last_epoch + 1
     ema.model.to(device)
     need_frames = config["cka_weight"] > 0
@@ -185,7 +201,7 @@ def _student_loop(config: dict) -> None:
         cm_ema = evaluate_shard(ema.model, dev_shard, device, student.num_classes)
         metrics = {"epoch": epoch, "step": step, **{f"train_{k}": v / n for k, v in sums.items()},
                    "dev_uar": uar_from_confusion(cm_student), "ema_dev_uar": uar_from_confusion(cm_ema),
-                   "ema_alpha": alpha, "refusing": bool(refuse)}
+                   "ema_alpha": alpha, "refusing": bool(refuse), "attempt_start_epoch": start_epoch}
         metrics["select_score"] = max(metrics["dev_uar"], metrics["ema_dev_uar"])
         metrics["weights_rank_spread"] = weights_rank_spread(student)
         if writer is not None:
@@ -193,9 +209,10 @@ def _student_loop(config: dict) -> None:
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     writer.add_scalar(k, float(v), epoch)
             writer.flush()
+        history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(tmp, student, ema, opt, sched, step, epoch)
+                _save_checkpoint(tmp, student, ema, opt, sched, step, epoch, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -209,9 +226,26 @@ def _maybe_inject_failure(config: dict, epoch: int, batches: int, rank: int, wor
     if (config.get("fail_at_epoch") is None or epoch != config["fail_at_epoch"] + 1 or batches != 2
             or rank != world - 1 or not marker or os.path.exists(marker)):
         return
+    _wait_until_reports_are_collected()
     with open(marker, "w") as fh:
         fh.write(f"killed at epoch {epoch}, batch {batches}\n")
     os._exit(1)
+
+
+def _wait_until_reports_are_collected(timeout_s: float = 30.0) -> None:
+    """Ray Train's controller collects a worker's reports every couple of seconds; a worker that dies
+    before that loses its last checkpoint report, and the run restarts from the one before. A real
+    failure comes long after the report; the injected one waits for the queue to drain, so the test
+    proves a resume from the checkpoint it just wrote."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+        queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError):       # another Ray Train version: give the controller time
+        time.sleep(5.0)
+        return
+    deadline = time.time() + timeout_s
+    while not queue.empty() and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def weights_rank_spread(model) -> float:
@@ -323,7 +357,8 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     with best_ckpt.as_directory() as d:
         shutil.copytree(d, final_dir, ignore=shutil.ignore_patterns("train_state.pt"))
     chosen = "ema" if best["ema_dev_uar"] > best["dev_uar"] else "student"
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    with result.checkpoint.as_directory() as d:            # the latest checkpoint: every epoch's metrics
+        history = _read_history(d)
     res = StudentResult(model_dir=os.path.join(final_dir, chosen), chosen=chosen,
                         student_dir=os.path.join(final_dir, "student"), ema_dir=os.path.join(final_dir, "ema"),
                         best_metrics=dict(best), history=history, seconds=time.time() - start)
