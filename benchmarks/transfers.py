@@ -44,8 +44,37 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True
     return adapt(cfg).results
 
 
-def summarize(cells, out_root):
+def _mean_std(values) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return ""
     import numpy as np
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def seed_tables(df, complete_seeds):
+    """Per system: mean ± std over seeds for each transfer (every finished seed), and for the average
+    over transfers (each complete seed's average over all transfers, then mean ± std over those seeds),
+    so that the average compares every system over the same cells."""
+    import pandas as pd
+    transfers = sorted(df.transfer.unique())
+    rows = []
+    for system, sdf in df.groupby("system"):
+        row = {"system": system}
+        for t in transfers:
+            row[t] = _mean_std(sdf[sdf.transfer == t].uar.tolist())
+        per_seed = {metric: [sdf[sdf.seed == seed][metric].mean() for seed in complete_seeds]
+                    for metric in ("uar", "wa", "macro_f1")}
+        row["average UAR"] = _mean_std(per_seed["uar"])
+        row["average WA"] = _mean_std(per_seed["wa"])
+        row["average macro-F1"] = _mean_std(per_seed["macro_f1"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = table["average UAR"].str.split(" ").str[0].astype(float).sort_values(ascending=False).index
+    return table.loc[order]
+
+
+def summarize(cells, out_root, command: str = ""):
     import pandas as pd
     rows = [{"transfer": t, "seed": s, "variant": v, "system": name, "uar": m["uar"], "wa": m["wa"],
              "macro_f1": m["macro_f1"]}
@@ -54,24 +83,41 @@ def summarize(cells, out_root):
         return
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(out_root, "transfers_cells.csv"), index=False)
-    agg = df.groupby(["variant", "system", "transfer"]).uar.agg(["mean", "std", "count"]).reset_index()
-    agg.to_csv(os.path.join(out_root, "transfers.csv"), index=False)
-    main = agg[agg.variant == "main"].pivot(index="system", columns="transfer", values="mean")
-    main["average"] = main.mean(1)
+    agg = df.groupby(["variant", "system", "transfer"])[["uar", "wa", "macro_f1"]].agg(["mean", "std", "count"])
+    agg.columns = ["_".join(c) for c in agg.columns]
+    agg.reset_index().to_csv(os.path.join(out_root, "transfers.csv"), index=False)
+    main_df = df[df.variant == "main"]
+    transfers = main_df.transfer.unique()
+    complete = sorted(int(s) for s, g in main_df.groupby("seed") if set(g.transfer) == set(transfers))
+    seeds_per_transfer = main_df.groupby("transfer").seed.nunique()
     from mifuse_ray.report import markdown_table
-    lines = ["# Six-transfer benchmark (test UAR, mean over seeds)", "", markdown_table(main.round(3).reset_index()), ""]
-    other = agg[agg.variant != "main"]
+    lines = ["# Six-transfer benchmark (test UAR, mean ± std over seeds)", "",
+             f"`{command}`: {len(transfers)} transfers, seeds finished per transfer "
+             f"{', '.join(f'{t} {n}' for t, n in seeds_per_transfer.items())}. The averages are over the seeds "
+             f"that finished every transfer ({complete}): each seed's average over the transfers, then mean ± std.",
+             "", markdown_table(seed_tables(main_df, complete)), ""]
+    other = df[df.variant != "main"]
     if len(other):
-        abl = other[other.system.isin(["mifuse_student", "mifuse_ema"])].groupby(["variant", "system"])["mean"].mean()
-        lines += ["## Ablations (average over finished transfers)", "", markdown_table(abl.round(3).reset_index()), ""]
+        abl = other[other.system.isin(["mifuse_student", "mifuse_ema"])]
+        abl = abl.groupby(["variant", "system"]).agg(uar=("uar", "mean"), cells=("uar", "size")).reset_index()
+        ref = df[(df.variant == "main") & df.system.isin(["mifuse_student", "mifuse_ema"])
+                 & df.set_index(["transfer", "seed"]).index.isin(other.set_index(["transfer", "seed"]).index)]
+        ref = ref.groupby("system").agg(uar=("uar", "mean"), cells=("uar", "size")).reset_index().assign(
+            variant="main (same cells)")
+        lines += ["## Ablations, one factor at a time (test UAR, average over the cells that ran them)", "",
+                  markdown_table(pd.concat([ref, abl])[["variant", "system", "uar", "cells"]]), ""]
     open(os.path.join(out_root, "transfers.md"), "w").write("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ax = main["average"].sort_values().plot.barh(figsize=(6, 4))
-    ax.set_xlabel("average test UAR over transfers")
+    per_seed = main_df[main_df.seed.isin(complete)].groupby(["system", "seed"]).uar.mean().groupby("system")
+    means, stds = per_seed.mean().sort_values(), per_seed.std().fillna(0.0)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.barh(means.index, means.values, xerr=stds[means.index].values, capsize=3)
+    ax.set_xlabel(f"average test UAR over {len(transfers)} transfers (± std over {len(complete)} seeds)")
     plt.tight_layout()
     plt.savefig(os.path.join(out_root, "transfers.png"), dpi=110)
+    plt.close(fig)
     print("\n".join(lines))
 
 
@@ -83,6 +129,7 @@ def main():
     p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
     args = p.parse_args()
+    command = "python " + " ".join(["benchmarks/transfers.py", *sys.argv[1:]])
     from mifuse_ray.ray_utils import init_ray
     init_ray()
     out_root = os.path.abspath(args.out)
@@ -97,7 +144,7 @@ def main():
             for override in ABLATIONS[ablation]:
                 cells[(name, seed, f"{override[0]}={override[1]}")] = run_cell(
                     source, target, seed, out_root, args.scale, (override,), baselines=False)
-        summarize(cells, out_root)
+        summarize(cells, out_root, command)
 
 
 if __name__ == "__main__":
