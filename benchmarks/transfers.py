@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOMAINS = ("acted_studio", "call_centre", "podcast")
 SYSTEMS = ("source_only", "lalm_zero_shot", "lalm_only_student", "source_only_student", "shot_im_student",
            "mifuse_student", "mifuse_ema", "equal_weights_student", "no_ema_student")
+# The main cells fuse N = 5 of the 10 stored answers and K = 10 of the 20 MC passes; an ablation value
+# equal to the main setting (or to the default, for the EMA decay and the uncertainty) is the main cell.
+MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
 ABLATIONS = {"uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes", v) for v in (1, 5, 10, 20)],
@@ -34,13 +37,15 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True
     done = os.path.join(out, "results.json")
     if os.path.exists(done):
         return json.load(open(done))["results"]
+    main_out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", "main")
+    if overrides and os.path.exists(os.path.join(main_out, "results.json")):
+        _share_labels(main_out, out)
     cfg = MiFuseConfig(output=out, baselines=baselines)
     cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=target, scale=scale,
                                    root=os.path.join(out_root, "_demo"))
     cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20
     cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
-    apply_overrides(cfg, {"train.seed": seed, "fusion.lalm_answers": 5, "fusion.source_passes": 10,
-                          **dict(overrides)})
+    apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS, **dict(overrides)})
     return adapt(cfg).results
 
 
@@ -74,6 +79,28 @@ def seed_tables(df, complete_seeds):
     return table.loc[order]
 
 
+def _is_main_setting(key: str, value) -> bool:
+    return _main_values()[key] == value
+
+
+def _main_values() -> dict:
+    from mifuse_ray.config import MiFuseConfig
+    cfg = MiFuseConfig()
+    return {key: MAIN_SETTINGS.get(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+            for key in (options[0][0] for options in ABLATIONS.values())}
+
+
+def _share_labels(main_out: str, out: str) -> None:
+    """An ablation changes only the fusion or the training, and the stored labels hold every LALM
+    and MC draw, so it starts from the main cell's labels (hard links). adapt() still checks their
+    fingerprint, and labels afresh if anything that changes them differs."""
+    import shutil
+    for name in ("labels", "labels_test"):
+        src, dst = os.path.join(main_out, name), os.path.join(out, name)
+        if os.path.isdir(src) and not os.path.exists(dst):
+            shutil.copytree(src, dst, copy_function=os.link)
+
+
 def summarize(cells, out_root, command: str = ""):
     import pandas as pd
     rows = [{"transfer": t, "seed": s, "variant": v, "system": name, "uar": m["uar"], "wa": m["wa"],
@@ -103,7 +130,7 @@ def summarize(cells, out_root, command: str = ""):
         ref = df[(df.variant == "main") & df.system.isin(["mifuse_student", "mifuse_ema"])
                  & df.set_index(["transfer", "seed"]).index.isin(other.set_index(["transfer", "seed"]).index)]
         ref = ref.groupby("system").agg(uar=("uar", "mean"), cells=("uar", "size")).reset_index().assign(
-            variant="main (same cells)")
+            variant="main: " + ", ".join(f"{k}={v}" for k, v in _main_values().items()))
         lines += ["## Ablations, one factor at a time (test UAR, average over the cells that ran them)", "",
                   markdown_table(pd.concat([ref, abl])[["variant", "system", "uar", "cells"]]), ""]
     open(os.path.join(out_root, "transfers.md"), "w").write("\n".join(lines))
@@ -142,6 +169,8 @@ def main():
         cells[(name, seed, "main")] = run_cell(source, target, seed, out_root, args.scale)
         for ablation in args.ablations:
             for override in ABLATIONS[ablation]:
+                if _is_main_setting(*override):
+                    continue
                 cells[(name, seed, f"{override[0]}={override[1]}")] = run_cell(
                     source, target, seed, out_root, args.scale, (override,), baselines=False)
         summarize(cells, out_root, command)
