@@ -46,7 +46,30 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True
     cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20
     cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
     apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS, **dict(overrides)})
-    return adapt(cfg).results
+    results = adapt(cfg).results
+    with open(os.path.join(out, "cell.json"), "w") as fh:
+        json.dump({"transfer": f"{source}→{target}", "seed": seed,
+                   "variant": ", ".join(f"{k}={v}" for k, v in overrides) or "main"}, fh)
+    return results
+
+
+def collect_cells(out_root: str) -> dict:
+    """Every finished cell under ``out_root``, whichever command ran it, so that a table written by
+    one part of the benchmark (a seed, the ablations) holds the parts that ran before it."""
+    import glob
+    cells = {}
+    for done in sorted(glob.glob(os.path.join(out_root, "*__*", "seed*", "*", "results.json"))):
+        folder = os.path.dirname(done)
+        if os.path.exists(os.path.join(folder, "cell.json")):
+            cell = json.load(open(os.path.join(folder, "cell.json")))
+        elif os.path.basename(folder) == "main":          # cells run before cell.json was written
+            source, target = os.path.basename(os.path.dirname(os.path.dirname(folder))).split("__")
+            cell = {"transfer": f"{source}→{target}", "seed": int(os.path.basename(os.path.dirname(folder))[4:]),
+                    "variant": "main"}
+        else:
+            continue
+        cells[(cell["transfer"], cell["seed"], cell["variant"])] = json.load(open(done))["results"]
+    return cells
 
 
 def _mean_std(values) -> str:
@@ -119,7 +142,7 @@ def summarize(cells, out_root, command: str = ""):
     seeds_per_transfer = main_df.groupby("transfer").seed.nunique()
     from mifuse_ray.report import markdown_table
     lines = ["# Six-transfer benchmark (test UAR, mean ± std over seeds)", "",
-             f"`{command}`: {len(transfers)} transfers, seeds finished per transfer "
+             f"Last written by `{command}` from every finished cell in this folder: {len(transfers)} transfers, seeds finished per transfer "
              f"{', '.join(f'{t} {n}' for t, n in seeds_per_transfer.items())}. The averages are over the seeds "
              f"that finished every transfer ({complete}): each seed's average over the transfers, then mean ± std.",
              "", markdown_table(seed_tables(main_df, complete)), ""]
@@ -163,17 +186,13 @@ def main():
     os.makedirs(out_root, exist_ok=True)
     transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
         [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
-    cells = {}
     for seed, (source, target) in itertools.product(args.seeds, transfers):   # a whole seed first
-        name = f"{source}→{target}"
-        cells[(name, seed, "main")] = run_cell(source, target, seed, out_root, args.scale)
+        run_cell(source, target, seed, out_root, args.scale)
         for ablation in args.ablations:
             for override in ABLATIONS[ablation]:
-                if _is_main_setting(*override):
-                    continue
-                cells[(name, seed, f"{override[0]}={override[1]}")] = run_cell(
-                    source, target, seed, out_root, args.scale, (override,), baselines=False)
-        summarize(cells, out_root, command)
+                if not _is_main_setting(*override):
+                    run_cell(source, target, seed, out_root, args.scale, (override,), baselines=False)
+        summarize(collect_cells(out_root), out_root, command)
 
 
 if __name__ == "__main__":
