@@ -11,11 +11,11 @@ so no LALM call is needed. Metric: UAR of the fused label on the adaptation spli
 oracle labels (the label the student learns from); `mi_diverse` vs `random` (mean of seeds).
 """
 import argparse
-import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -45,14 +45,11 @@ def main():
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default="benchmarks/results/budget")
     args = p.parse_args()
-    from mifuse_ray.config import MiFuseConfig, apply_overrides
     from mifuse_ray.report import markdown_table
-    cfg = MiFuseConfig()
-    apply_overrides(cfg, {"fusion.lalm_answers": 5, "fusion.source_passes": 10})   # as benchmarks/transfers.py
+    from transfers import main_config, stored_labels
+    cfg = main_config()
     rows = []
-    for path in sorted(glob.glob(os.path.join(args.runs, "*__*", "seed*", "main", "labels", "labels.parquet"))):
-        transfer = path.split(os.sep)[-5].replace("__", "→")
-        table = pd.read_parquet(path)
+    for transfer, _, table in stored_labels(args.runs):
         for budget in args.budgets:
             u, asked = fused_uar_at_budget(table, cfg, budget, "mi_diverse", 0)
             rnd = [fused_uar_at_budget(table, cfg, budget, "random", s)[0] for s in args.random_seeds]

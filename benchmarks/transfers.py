@@ -10,6 +10,7 @@ and transfers.png from whatever cells are finished.
 """
 import argparse
 import dataclasses
+import glob
 import itertools
 import json
 import os
@@ -56,7 +57,6 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True
 def collect_cells(out_root: str) -> dict:
     """Every finished cell under ``out_root``, whichever command ran it, so that a table written by
     one part of the benchmark (a seed, the ablations) holds the parts that ran before it."""
-    import glob
     cells = {}
     for done in sorted(glob.glob(os.path.join(out_root, "*__*", "seed*", "*", "results.json"))):
         folder = os.path.dirname(done)
@@ -100,6 +100,23 @@ def seed_tables(df, complete_seeds):
     table = pd.DataFrame(rows)
     order = table["average UAR"].str.split(" ").str[0].astype(float).sort_values(ascending=False).index
     return table.loc[order]
+
+
+def main_config():
+    """The configuration the main cells fuse with (for scripts that re-fuse their stored labels)."""
+    from mifuse_ray.config import MiFuseConfig, apply_overrides
+    cfg = MiFuseConfig()
+    apply_overrides(cfg, dict(MAIN_SETTINGS))
+    return cfg
+
+
+def stored_labels(runs: str, seeds=(0,)):
+    """(transfer, seed, adaptation-split labels table) of every finished main cell under ``runs``:
+    each holds every LALM answer and MC draw, so other analyses re-fuse them without any call."""
+    import pandas as pd
+    for seed in seeds:
+        for path in sorted(glob.glob(os.path.join(runs, "*__*", f"seed{seed}", "main", "labels", "labels.parquet"))):
+            yield path.split(os.sep)[-5].replace("__", "→"), seed, pd.read_parquet(path)
 
 
 def _is_main_setting(key: str, value) -> bool:
