@@ -27,7 +27,10 @@ MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
 ABLATIONS = {"uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes", v) for v in (1, 5, 10, 20)],
-             "alpha": [("train.ema_decay", v) for v in (0.99, 0.995, 0.999)]}
+             "alpha": [("train.ema_decay", v) for v in (0.99, 0.995, 0.999)],
+             # The main setting once more (max_failures acts only when a worker dies): the gap between a
+             # cell and its repeat is the run-to-run noise at a fixed seed that every ablation carries.
+             "repeat": [("train.max_failures", 3)]}
 
 
 def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True):
@@ -170,7 +173,8 @@ def summarize(cells, out_root, command: str = ""):
         ref = df[(df.variant == "main") & df.system.isin(["mifuse_student", "mifuse_ema"])
                  & df.set_index(["transfer", "seed"]).index.isin(other.set_index(["transfer", "seed"]).index)]
         ref = ref.groupby("system").agg(uar=("uar", "mean"), cells=("uar", "size")).reset_index().assign(
-            variant="main: " + ", ".join(f"{k}={v}" for k, v in _main_values().items()))
+            variant="main: " + ", ".join(f"{k}={v}" for k, v in _main_values().items()
+                                        if k != ABLATIONS["repeat"][0][0]))
         lines += ["## Ablations, one factor at a time (test UAR, average over the cells that ran them)", "",
                   markdown_table(pd.concat([ref, abl])[["variant", "system", "uar", "cells"]]), ""]
     open(os.path.join(out_root, "transfers.md"), "w").write("\n".join(lines))
