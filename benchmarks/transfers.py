@@ -19,8 +19,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DOMAINS = ("acted_studio", "call_centre", "podcast")
-SYSTEMS = ("source_only", "lalm_zero_shot", "lalm_only_student", "source_only_student", "shot_im_student",
-           "mifuse_student", "mifuse_ema", "equal_weights_student", "no_ema_student")
 # The main cells fuse N = 5 of the 10 stored answers and K = 10 of the 20 MC passes; an ablation value
 # equal to the main setting (or to the default, for the EMA decay and the uncertainty) is the main cell.
 MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
@@ -94,11 +92,8 @@ def seed_tables(df, complete_seeds):
         row = {"system": system}
         for t in transfers:
             row[t] = _mean_std(sdf[sdf.transfer == t].uar.tolist())
-        per_seed = {metric: [sdf[sdf.seed == seed][metric].mean() for seed in complete_seeds]
-                    for metric in ("uar", "wa", "macro_f1")}
-        row["average UAR"] = _mean_std(per_seed["uar"])
-        row["average WA"] = _mean_std(per_seed["wa"])
-        row["average macro-F1"] = _mean_std(per_seed["macro_f1"])
+        for metric, name in (("uar", "UAR"), ("wa", "WA"), ("macro_f1", "macro-F1")):
+            row[f"average {name}"] = _mean_std([sdf[sdf.seed == seed][metric].mean() for seed in complete_seeds])
         rows.append(row)
     table = pd.DataFrame(rows)
     order = table["average UAR"].str.split(" ").str[0].astype(float).sort_values(ascending=False).index
@@ -127,9 +122,9 @@ def _is_main_setting(key: str, value) -> bool:
 
 
 def _main_values() -> dict:
-    from mifuse_ray.config import MiFuseConfig
-    cfg = MiFuseConfig()
-    return {key: MAIN_SETTINGS.get(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+    """The main cells' value of every setting an ablation varies."""
+    cfg = main_config()
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
             for key in (options[0][0] for options in ABLATIONS.values())}
 
 
