@@ -355,7 +355,8 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     with best_ckpt.as_directory() as d:
-        shutil.copytree(d, final_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+        # Resume state stays behind; the run's full history goes to result.json below.
+        shutil.copytree(d, final_dir, ignore=shutil.ignore_patterns("train_state.pt", HISTORY_FILE))
     chosen = "ema" if best["ema_dev_uar"] > best["dev_uar"] else "student"
     with result.checkpoint.as_directory() as d:            # the latest checkpoint: every epoch's metrics
         history = _read_history(d)
