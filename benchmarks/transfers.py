@@ -57,8 +57,10 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True
 
 def collect_cells(out_root: str) -> dict:
     """Every finished cell under ``out_root``, whichever command ran it, so that a table written by
-    one part of the benchmark (a seed, the ablations) holds the parts that ran before it."""
-    cells = {}
+    one part of the benchmark (a seed, the ablations) holds the parts that ran before it. Run folders
+    stay local, so the committed ``transfers_cells.csv`` is read first: a fresh checkout adds cells to
+    the record instead of replacing it; a cell finished on disk overrides its recorded row."""
+    cells = _recorded_cells(out_root)
     for done in sorted(glob.glob(os.path.join(out_root, "*__*", "seed*", "*", "results.json"))):
         folder = os.path.dirname(done)
         if os.path.exists(os.path.join(folder, "cell.json")):
@@ -70,6 +72,19 @@ def collect_cells(out_root: str) -> dict:
         else:
             continue
         cells[(cell["transfer"], cell["seed"], cell["variant"])] = json.load(open(done))["results"]
+    return cells
+
+
+def _recorded_cells(out_root: str) -> dict:
+    """The cells of the last written ``transfers_cells.csv`` (test metrics only, as the tables use)."""
+    path = os.path.join(out_root, "transfers_cells.csv")
+    if not os.path.exists(path):
+        return {}
+    import pandas as pd
+    cells = {}
+    for (transfer, seed, variant), rows in pd.read_csv(path).groupby(["transfer", "seed", "variant"]):
+        cells[(transfer, int(seed), variant)] = {"test": {
+            r.system: {"uar": r.uar, "wa": r.wa, "macro_f1": r.macro_f1} for r in rows.itertuples()}}
     return cells
 
 
