@@ -305,15 +305,14 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
                   report_to_tune: bool = False) -> StudentResult:
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import drop_errors, read_decoded
+    from ..data import decoded_clips, ordered_ingest
 
     start = time.time()
     t = cfg.train
     table = training_table(labels_table, cfg)
     if table.empty:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
-    datasets = {"train": drop_errors(read_decoded(table, cfg.audio)).materialize(),
-                "dev": drop_errors(read_decoded(dev_df, cfg.audio)).materialize()}
+    datasets = {"train": decoded_clips(table, cfg.audio), "dev": decoded_clips(dev_df, cfg.audio)}
     loop_cfg = dict(
         mode=t.mode, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay, warmup_frac=t.warmup_frac,
         grad_clip=t.grad_clip, lambda_div=t.lambda_div, prior=class_prior(cfg, table), epochs=t.epochs,
@@ -340,7 +339,7 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     _store_fingerprint(storage, run_name, fingerprint)
     # Same name and storage as an interrupted run: Ray Train restores its latest checkpoint.
     trainer = TorchTrainer(
-        _student_loop, train_loop_config=loop_cfg, datasets=datasets,
+        _student_loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=ordered_ingest(),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
