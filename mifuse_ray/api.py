@@ -137,13 +137,14 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
 
 def label(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str, name: str = "labels"):
     """Label ``df`` (reusing ``<out_dir>/<name>.parquet`` when nothing that changes it has changed)."""
-    from .labeling import LabelingResult, label_target, summarize
+    from .labeling import LabelingResult, label_target, refuse_stored, summarize, write_parquet
     fingerprint = labeling_fingerprint(cfg, df, checkpoint, base_url)
     stage_dir = os.path.join(out_dir, name)
     path = os.path.join(stage_dir, "labels.parquet")
     meta_path = os.path.join(stage_dir, "fingerprint.txt")
     if os.path.exists(path) and os.path.exists(meta_path) and open(meta_path).read() == fingerprint:
-        table = pd.read_parquet(path)
+        table = refuse_stored(pd.read_parquet(path), len(cfg.labels), cfg.fusion)
+        write_parquet(table, path)          # atomic: a hard-linked copy elsewhere keeps its own fusion
         summary = summarize(table, cfg.labels)
         summary["reused"] = True
         return LabelingResult(path, table, summary)

@@ -17,6 +17,8 @@ import pandas as pd
 from .config import MiFuseConfig
 from .fusion import STATUS_NAMES, fuse, teacher_stats
 
+NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
+
 log = logging.getLogger(__name__)
 
 
@@ -84,8 +86,19 @@ def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFra
     out["fusion_status"] = [STATUS_NAMES[s] for s in np.asarray(res.status)]
     out["fused_pred"] = np.where(np.isfinite(q).all(1), np.nan_to_num(q).argmax(1), -1)
     decoded = out["error"].isna()
-    out.loc[decoded & (out["fusion_status"] == "no_teacher"), "error"] = "no_teacher_answer"
+    out.loc[decoded & (out["fusion_status"] == "no_teacher"), "error"] = NO_TEACHER_ERROR
     return out
+
+
+def refuse_stored(table: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFrame:
+    """Stored labels fused again with this run's fusion settings (N, K, τ, uncertainty, weighting).
+
+    Reuse of stored labels ignores the fusion on purpose (a rerun that changes only the fusion
+    pays for no call), so the fusion columns of a reused table must be recomputed, or the run's
+    labels and its ``fused_label`` score would still be those of the earlier settings."""
+    table = table.copy()
+    table.loc[table["error"] == NO_TEACHER_ERROR, "error"] = None
+    return fusion_columns(table, num_classes, fusion_cfg)
 
 
 def _fusion_stage(batch: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFrame:

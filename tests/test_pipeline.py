@@ -96,6 +96,33 @@ def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_roo
             assert plain(again.table[col]) == plain(table[col])
 
 
+def test_reused_labels_follow_this_runs_fusion(ray_cluster, source_model, demo_root, tmp_path):
+    """Stored labels are reused whatever the fusion settings (no answer is paid for twice), but they
+    are fused with the settings of the run that reuses them, and the file then holds that fusion."""
+    import copy
+    from mifuse_ray.api import label
+    df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(12)
+    cfg = MiFuseConfig()
+    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.lalm.cache_dir = str(tmp_path / "cache")
+    single_draw = copy.deepcopy(cfg)
+    single_draw.fusion.lalm_answers, single_draw.fusion.source_passes = 1, 1
+    out = str(tmp_path / "out")
+    with BackgroundServer(ServerConfig()) as server:
+        first = label(cfg, df, out, source_model, server.url)
+        paid = server.stats["requests"]
+        again = label(single_draw, df, out, source_model, server.url)
+        back = label(cfg, df, out, source_model, server.url)
+        assert server.stats["requests"] == paid and again.summary["reused"] and back.summary["reused"]
+    ok = first.table["error"].isna().to_numpy()
+    assert (first.table.loc[ok, "lalm_n"] == 3).all() and (first.table.loc[ok, "source_n"] == 4).all()
+    assert (again.table.loc[ok, "lalm_n"] == 1).all() and (again.table.loc[ok, "source_n"] == 1).all()
+    assert not np.allclose(np.stack(again.table.loc[ok, "q"]), np.stack(first.table.loc[ok, "q"]))
+    np.testing.assert_allclose(np.stack(back.table.loc[ok, "q"]), np.stack(first.table.loc[ok, "q"]), atol=1e-6)
+    np.testing.assert_allclose(np.stack(pd.read_parquet(back.labels_path).loc[ok, "q"]),
+                               np.stack(first.table.loc[ok, "q"]), atol=1e-6)
+
+
 def test_spend_cap_stops_sending(ray_cluster, source_model, demo_root, tmp_path):
     from mifuse_ray.labeling import label_target
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(12)
