@@ -111,6 +111,10 @@ def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_
     assert [h["attempt_start_epoch"] for h in res.history] == [0, 1, 1]   # restarted at epoch 1, from epoch 0's checkpoint
     steps_per_epoch = res.history[1]["step"] - res.history[0]["step"]
     assert res.history[-1]["step"] == 3 * steps_per_epoch           # the step counter was restored too
+    # the logged EMA decay is the one the warm-up applied (18 steps: far below the configured 0.995)
+    assert [h["ema_alpha"] for h in res.history] == pytest.approx(
+        [ema_decay_at(h["step"] - 1, cfg.train.ema_decay) for h in res.history])
+    assert res.history[-1]["ema_alpha"] < res.history[-1]["ema_alpha_configured"] == cfg.train.ema_decay
     again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail")
     assert again.best_metrics == res.best_metrics                   # a rerun reuses the finished run
     clean = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="clean")

@@ -22,7 +22,7 @@ from ..fusion import fuse, teacher_stats
 from ..labeling import fuse_draws, stored_draws
 from ..metrics import uar_from_confusion
 from .common import augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, warmup_cosine
-from .ema import EMATeacher, decay_from_half_life
+from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .distill import distill_terms
 from .losses import diversity_kl, information_maximization, soft_label_kl
 
@@ -201,7 +201,10 @@ def _student_loop(config: dict) -> None:
         cm_ema = evaluate_shard(ema.model, dev_shard, device, student.num_classes)
         metrics = {"epoch": epoch, "step": step, **{f"train_{k}": v / n for k, v in sums.items()},
                    "dev_uar": uar_from_confusion(cm_student), "ema_dev_uar": uar_from_confusion(cm_ema),
-                   "ema_alpha": alpha, "refusing": bool(refuse), "attempt_start_epoch": start_epoch}
+                   # the decay the warm-up actually applied at the epoch's last step, not the configured α:
+                   # on a short run α_t = (1+t)/(10+t) stays below α, and the logs should say so
+                   "ema_alpha": ema_decay_at(max(step - 1, 0), alpha), "ema_alpha_configured": alpha,
+                   "refusing": bool(refuse), "attempt_start_epoch": start_epoch}
         metrics["select_score"] = max(metrics["dev_uar"], metrics["ema_dev_uar"])
         metrics["weights_rank_spread"] = weights_rank_spread(student)
         if writer is not None:
