@@ -5,7 +5,8 @@
 
 Reads the full-budget labels of the six-transfer benchmark (every clip asked, every draw stored),
 then for each budget keeps the LALM answers of the selected clips only, exactly as the pipeline
-records an unselected clip (no votes), and re-fuses with the pipeline's own fusion map stage.
+records an unselected clip (no votes), and re-fuses with the shipped fusion (its unsupervised form:
+balancing fitted on the split, no dev choice), as the pipeline's fusion stage does.
 The selection is the pipeline's ``select_clips`` on the stored source MC draws and embeddings,
 so no LALM call is needed. Metric: UAR of the fused label on the adaptation split against its
 oracle labels (the label the student learns from); `mi_diverse` vs `random` (mean of seeds).
@@ -22,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 
 def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, seed: int) -> tuple[float, int]:
-    from mifuse_ray.labeling import fusion_columns, selection_uncertainty
+    from mifuse_ray.labeling import refused_table, selection_uncertainty
     from mifuse_ray.metrics import uar
     from mifuse_ray.selection import budget_count, select_clips
     C = len(cfg.labels)
@@ -33,7 +34,7 @@ def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, se
     n = max(len(v) for v in t.lalm_votes)
     t["lalm_votes"] = [list(v) if a else [-1] * n for v, a in zip(t.lalm_votes, asked)]
     t["lalm_soft"] = [list(s) if a else [[np.nan] * C] * n for s, a in zip(t.lalm_soft, asked)]
-    fused = fusion_columns(t, C, cfg.fusion)
+    fused = refused_table(t, C, cfg.fusion)       # the shipped fusion, its balancing fitted on these clips
     y = np.array([list(cfg.labels).index(v) for v in fused.oracle_label])
     return uar(y, fused.fused_pred.to_numpy(), C), int(asked.sum())
 

@@ -1,18 +1,18 @@
-"""Where the fused label gains or loses against its teachers: does a teacher's per-clip uncertainty
-tell when it is wrong?
+"""Fused-label quality of every fusion variant, on the adaptation and the test split of every transfer.
 
-    python benchmarks/label_quality.py [--runs benchmarks/results/transfers] [--taus 0.1 0.5 2.0]
+    python benchmarks/label_quality.py [--runs benchmarks/results/transfers] [--label]
         [--out benchmarks/results/label_quality]
 
-MI-Fuse rests on one premise: per clip, the less uncertain teacher is the more likely to be right,
-so weighting by uncertainty beats either teacher. This re-fuses the stored draws of the six-transfer
-benchmark's main cells (adaptation split, oracle labels; no LALM call) and measures the premise:
-- UAR of the LALM's p̄, the source's p̄ and the fused label for each uncertainty measure and τ;
-- each teacher's accuracy on the third of clips where it is least / most uncertain;
-- the mean LALM weight on clips where only the LALM is right against clips where only the source is.
+Re-fuses the stored draws (every LALM answer and MC pass; no LALM call) of each transfer's seed-0
+main cell: the fusion's global part is fitted on the adaptation split, temperatures and the dev
+choice on half of the dev split, and the fused label's argmax is scored against the true labels of
+the adaptation split (``oracle_label``, diagnostics only) and of the test split. ``--label`` first
+labels the splits that are missing (the six demo transfers and the held-out ones of heldout.py).
+Rows: ``default`` (the shipped config, dev choice included), ``mifuse_paper`` (the paper's fusion),
+``lalm`` and ``source`` (each teacher alone) and every other named variant.
 """
 import argparse
-import dataclasses
+import itertools
 import os
 import sys
 
@@ -22,60 +22,103 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-UNCERTAINTIES = ("vote_entropy", "mi", "entropy")
+SPLITS = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
 
 
-def accuracy_by_uncertainty(uncertainty: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
-    """Accuracy on the least and on the most uncertain third of the clips (ties broken by order)."""
-    order = np.argsort(uncertainty, kind="stable")
-    third = max(1, len(order) // 3)
-    return float(correct[order[:third]].mean()), float(correct[order[-third:]].mean())
+def stored_splits(runs: str, transfer_dir: str) -> dict | None:
+    folder = os.path.join(runs, transfer_dir, "seed0", "main")
+    paths = {split: os.path.join(folder, name, "labels.parquet") for split, name in SPLITS.items()}
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    return {split: pd.read_parquet(p) for split, p in paths.items()}
 
 
-def premise_row(table: pd.DataFrame, cfg, taus) -> dict:
-    from mifuse_ray.labeling import fusion_columns
+def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
+    """UAR of each variant's fused label on the adaptation and test splits, fitted as the pipeline fits."""
+    from mifuse_ray.calibration import choose_fusion, dev_half, resolve, variant
+    from mifuse_ray.fusion import VARIANTS
+    from mifuse_ray.labeling import fit_table, fusion_columns
     from mifuse_ray.metrics import uar
-    C = len(cfg.labels)
-    t = table[table.error.isna()].reset_index(drop=True)
-    base = fusion_columns(t, C, cfg.fusion)
-    y = np.array([list(cfg.labels).index(v) for v in base.oracle_label])
-    row = {"lalm": uar(y, base.lalm_pred.to_numpy(), C), "source": uar(y, base.source_pred.to_numpy(), C)}
-    for unc in UNCERTAINTIES:
-        for tau in taus:
-            fused = fusion_columns(t, C, dataclasses.replace(cfg.fusion, uncertainty=unc, tau=tau))
-            row[f"fused {unc} τ={tau}"] = uar(y, fused.fused_pred.to_numpy(), C)
-    lalm_right, source_right = base.lalm_pred.to_numpy() == y, base.source_pred.to_numpy() == y
-    for name, right in (("lalm", lalm_right), ("source", source_right)):
-        low, high = accuracy_by_uncertainty(base[f"{name}_{cfg.fusion.uncertainty}"].to_numpy(), right)
-        row[f"{name} acc, least uncertain third"], row[f"{name} acc, most uncertain third"] = low, high
-    weight = base.weight_lalm.to_numpy()
-    row["w_lalm where only the LALM is right"] = float(weight[lalm_right & ~source_right].mean())
-    row["w_lalm where only the source is right"] = float(weight[~lalm_right & source_right].mean())
-    return row
+    C = len(labels)
+    adapt = tables["adapt"]
+    choice = choose_fusion(adapt, tables["dev"], fusion_cfg, labels)
+    half = dev_half(tables["dev"], fusion_cfg, labels)
+    fusions = {"default": (choice.config, choice.fit)}
+    fusions.update({name: resolve(adapt, half, variant(fusion_cfg, name), labels) for name in VARIANTS})
+    rows = []
+    for (name, (cfg, fit)), split in itertools.product(fusions.items(), ("adapt", "test")):
+        t = tables[split]
+        t = t[t["error"].isna()].reset_index(drop=True)
+        if split != "adapt":        # each split balanced on its own clips, as the pipeline labels it
+            fit = fit_table(t, C, cfg, fit.temperatures)
+        y = np.array([labels.index(v) for v in (t["oracle_label"] if "oracle_label" in t else t["label"])])
+        pred = fusion_columns(t, C, cfg, fit)["fused_pred"].to_numpy()
+        rows.append({"variant": name, "split": split, "uar": uar(y, np.where(pred >= 0, pred, (y + 1) % C), C),
+                     "chosen": choice.name if name == "default" else ""})
+    return rows
+
+
+def label_missing(runs: str, transfers, scale: float) -> None:
+    from transfers import label_cell
+    from mifuse_ray.ray_utils import init_ray
+    init_ray()
+    for source, target in transfers:
+        if stored_splits(runs, f"{source}__{target}") is None:
+            print(f"labelling {source}→{target}", flush=True)
+            label_cell(source, target, runs, scale)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="benchmarks/results/transfers")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     p.add_argument("--out", default="benchmarks/results/label_quality")
+    p.add_argument("--label", action="store_true", help="label the transfers whose splits are missing first")
+    p.add_argument("--scale", type=float, default=1.0)
     args = p.parse_args()
-    from mifuse_ray.report import markdown_table
-    from transfers import main_config, stored_labels
+    from transfers import DOMAINS, main_config
+    from heldout import HELDOUT_DOMAINS
+    demo = [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
+    heldout = [(s, t) for s in DOMAINS for t in HELDOUT_DOMAINS]
+    if args.label:
+        label_missing(args.runs, demo + heldout, args.scale)
     cfg = main_config()
-    rows = [{"transfer": transfer, **premise_row(table, cfg, args.taus)}
-            for transfer, _, table in stored_labels(args.runs)]
+    rows = []
+    for (source, target), group in [(t, "demo") for t in demo] + [(t, "held-out") for t in heldout]:
+        tables = stored_splits(args.runs, f"{source}__{target}")
+        if tables is None:
+            print(f"skipping {source}→{target}: no stored labels (run with --label)")
+            continue
+        for row in score_variants(tables, cfg.fusion, list(cfg.labels)):
+            rows.append({"transfer": f"{source}→{target}", "domains": group, **row})
     if not rows:
-        sys.exit(f"no labels under {args.runs}: run benchmarks/transfers.py first")
-    df = pd.DataFrame(rows).set_index("transfer")
-    df.loc["average"] = df.mean()
+        sys.exit(f"no labels under {args.runs}: run with --label")
+    df = pd.DataFrame(rows)[["variant", "transfer", "split", "uar", "domains", "chosen"]]
     os.makedirs(args.out, exist_ok=True)
-    df.to_csv(os.path.join(args.out, "label_quality.csv"))
-    wide = df.T.reset_index().rename(columns={"index": "quantity (adaptation split, seed 0)"})
-    lines = [f"# Label quality and the MI-Fuse premise ({len(rows)} transfers, main-cell settings: "
-             f"{cfg.fusion.uncertainty}, N = {cfg.fusion.lalm_answers}, K = {cfg.fusion.source_passes})", "",
-             markdown_table(wide.round(3)), ""]
-    open(os.path.join(args.out, "label_quality.md"), "w").write("\n".join(lines))
+    df.to_csv(os.path.join(args.out, "label_quality.csv"), index=False)
+    write_markdown(df, args.out, cfg)
+
+
+def write_markdown(df: pd.DataFrame, out: str, cfg) -> None:
+    from mifuse_ray.report import markdown_table
+    lines = [f"# Fused-label UAR by fusion variant (N = {cfg.fusion.lalm_answers}, K = {cfg.fusion.source_passes}; "
+             "fitted on the adaptation split, calibrated and chosen on half the dev split)", ""]
+    for group, gdf in df.groupby("domains", sort=False):
+        wide = gdf.pivot_table(index="variant", columns="split", values="uar", aggfunc="mean")
+        teachers = gdf[gdf.variant.isin(["lalm", "source"])].groupby(["transfer", "split"]).uar.max()
+        d = gdf[gdf.variant == "default"].set_index(["transfer", "split"]).uar
+        beats = (d >= teachers.reindex(d.index) - 1e-9)
+        wide["transfers × splits where ≥ the better teacher"] = [
+            f"{int((g.set_index(['transfer', 'split']).uar >= teachers.reindex(g.set_index(['transfer', 'split']).index) - 1e-9).sum())}"
+            f" / {len(g)}" for _, g in gdf.groupby("variant")]
+        wide = wide.sort_values("adapt", ascending=False).reset_index()
+        lines += [f"## {group} transfers ({gdf.transfer.nunique()}), average UAR", "", markdown_table(wide.round(3)), ""]
+        per = gdf[gdf.variant.isin(["default", "mifuse_paper", "lalm", "source"])].pivot_table(
+            index=["transfer", "split"], columns="variant", values="uar").reset_index()
+        chosen = gdf[gdf.variant == "default"].drop_duplicates("transfer").set_index("transfer").chosen
+        per["dev choice"] = per.transfer.map(chosen)
+        lines += [f"Per transfer ({group}); the default is ≥ the better teacher on {int(beats.sum())} of {len(beats)}:",
+                  "", markdown_table(per.round(3)), ""]
+    open(os.path.join(out, "label_quality.md"), "w").write("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -1,7 +1,8 @@
-"""Six-transfer accuracy benchmark (METHOD.md §2): every baseline and MI-Fuse on the demo domains.
+"""Six-transfer accuracy benchmark (docs/method.md §5): every baseline and MI-Fuse on the demo domains.
 
     python benchmarks/transfers.py [--seeds 0 1 2] [--scale 1.0] [--out benchmarks/results/transfers]
-        [--ablations uncertainty n k alpha] [--transfers acted_studio:call_centre ...]
+        [--ablations balancing consistency refusion alpha ...] [--transfers acted_studio:call_centre ...]
+        [--baselines lalm_labels source_labels shot_im mifuse_paper equal_weights no_ema]
 
 Resumable: each (transfer, seed, variant) is an adapt run in its own folder, reused when finished
 (labels, LALM answers and checkpoints included). LALM answers depend only on the target, and the
@@ -17,42 +18,76 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DOMAINS = ("acted_studio", "call_centre", "podcast")
 # The main cells fuse N = 5 of the 10 stored answers and K = 10 of the 20 MC passes; an ablation value
 # equal to the main setting (or to the default, for the EMA decay and the uncertainty) is the main cell.
 MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
-ABLATIONS = {"uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
+# Each ablation is a list of runs; a run is one (key, value) or a tuple of them changed together.
+ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balance_fused", "none"))],
+             "consistency": [("train.consistency_weight", 0.0)],
+             "refusion": [("train.refuse_from_epoch", 1000)],
+             "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
+             "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes", v) for v in (1, 5, 10, 20)],
-             "alpha": [("train.ema_decay", v) for v in (0.99, 0.995, 0.999)],
              # The main setting once more (max_failures acts only when a worker dies): the gap between a
              # cell and its repeat is the run-to-run noise at a fixed seed that every ablation carries.
              "repeat": [("train.max_failures", 3)]}
+BASELINES = ["lalm_labels", "source_labels", "shot_im", "mifuse_paper", "equal_weights", "no_ema"]
 
 
-def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=True):
+def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     from mifuse_ray.api import adapt
-    from mifuse_ray.config import MiFuseConfig, apply_overrides
+    from mifuse_ray.config import apply_overrides
     tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides) or "main"
     out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", tag)
     done = os.path.join(out, "results.json")
-    if os.path.exists(done):
-        return json.load(open(done))["results"]
+    wanted = {f"{m}_student" for m in (baselines or [])} | {"mifuse_student"}
+    if os.path.exists(done) and wanted <= set(json.load(open(done))["results"].get("test", {})):
+        return json.load(open(done))["results"]     # finished with every system asked for
     main_out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", "main")
     if overrides and os.path.exists(os.path.join(main_out, "results.json")):
         _share_labels(main_out, out)
-    cfg = MiFuseConfig(output=out, baselines=baselines)
-    cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=target, scale=scale,
-                                   root=os.path.join(out_root, "_demo"))
-    cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20
-    cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
-    apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS, **dict(overrides)})
+    cfg = cell_config(source, target, seed, out, out_root, scale)
+    cfg.baselines, cfg.baseline_modes = bool(baselines), list(baselines)
+    apply_overrides(cfg, dict(overrides))
     results = adapt(cfg).results
     with open(os.path.join(out, "cell.json"), "w") as fh:
         json.dump({"transfer": f"{source}→{target}", "seed": seed,
                    "variant": ", ".join(f"{k}={v}" for k, v in overrides) or "main"}, fh)
     return results
+
+
+def cell_config(source, target, seed, out, out_root, scale):
+    """The configuration of one cell: a demo transfer, or a demo source onto a held-out domain
+    (benchmarks/heldout.py), which is written under the same root and given as a manifest."""
+    from mifuse_ray.config import MiFuseConfig, apply_overrides
+    from mifuse_ray.demo.domains import DOMAINS, ensure_domain
+    from heldout import HELDOUT_DOMAINS
+    cfg = MiFuseConfig(output=out)
+    root = os.path.join(out_root, "_demo")
+    demo_target = target if target in DOMAINS else next(d for d in DOMAINS if d != source)
+    cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=demo_target, scale=scale, root=root)
+    if target in HELDOUT_DOMAINS:
+        from mifuse_ray.api import demo_paths
+        _, cfg.source.checkpoint = demo_paths(cfg)
+        cfg.target = ensure_domain(HELDOUT_DOMAINS[target], root, scale)
+    cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20
+    cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
+    return apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS})
+
+
+def label_cell(source, target, out_root, scale):
+    """Only the labels of a cell (adaptation, dev and test splits, every draw stored), where the
+    seed-0 main cell will find and reuse them: what the label-quality benchmark re-fuses."""
+    from mifuse_ray.api import label_splits, lalm_endpoint, resolve_inputs
+    out = os.path.join(out_root, f"{source}__{target}", "seed0", "main")
+    cfg = cell_config(source, target, 0, out, out_root, scale)
+    inputs = resolve_inputs(cfg)
+    with lalm_endpoint(cfg) as base_url:
+        return label_splits(cfg, inputs, out, base_url)
 
 
 def collect_cells(out_root: str) -> dict:
@@ -132,15 +167,21 @@ def stored_labels(runs: str, seeds=(0,)):
             yield path.split(os.sep)[-5].replace("__", "→"), seed, pd.read_parquet(path)
 
 
-def _is_main_setting(key: str, value) -> bool:
-    return _main_values()[key] == value
+def _pairs(run) -> tuple:
+    """An ablation run as a tuple of (key, value) pairs."""
+    return run if isinstance(run[0], tuple) else (run,)
+
+
+def _is_main_setting(run) -> bool:
+    values = _main_values()
+    return all(values[key] == value for key, value in _pairs(run))
 
 
 def _main_values() -> dict:
     """The main cells' value of every setting an ablation varies."""
     cfg = main_config()
     return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-            for key in (options[0][0] for options in ABLATIONS.values())}
+            for runs in ABLATIONS.values() for run in runs for key, _ in _pairs(run)}
 
 
 def _share_labels(main_out: str, out: str) -> None:
@@ -209,6 +250,8 @@ def main():
     p.add_argument("--out", default="benchmarks/results/transfers")
     p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
+    p.add_argument("--baselines", nargs="*", default=BASELINES, choices=BASELINES,
+                   help="baseline students per main cell (a later run with more adds them, reusing the rest)")
     args = p.parse_args()
     command = "python " + " ".join(["benchmarks/transfers.py", *sys.argv[1:]])
     from mifuse_ray.ray_utils import init_ray
@@ -218,11 +261,11 @@ def main():
     transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
         [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
     for seed, (source, target) in itertools.product(args.seeds, transfers):   # a whole seed first
-        run_cell(source, target, seed, out_root, args.scale)
+        run_cell(source, target, seed, out_root, args.scale, baselines=args.baselines)
         for ablation in args.ablations:
-            for override in ABLATIONS[ablation]:
-                if not _is_main_setting(*override):
-                    run_cell(source, target, seed, out_root, args.scale, (override,), baselines=False)
+            for run in ABLATIONS[ablation]:
+                if not _is_main_setting(run):
+                    run_cell(source, target, seed, out_root, args.scale, _pairs(run))
         summarize(collect_cells(out_root), out_root, command)
 
 

@@ -17,12 +17,8 @@ def run() -> None:
     from mifuse_ray.api import adapt
     result = adapt(cfg)
     if result.report_path:
-        print(f"\nreport: {result.report_path}")
-        for name in ("mifuse_student", "mifuse_ema", "source_only", "lalm_zero_shot", "fused_label"):
-            m = result.results.get("test", {}).get(name)
-            if m:
-                print(f"  {name:16s} test UAR {m['uar']:.3f}  WA {m['wa']:.3f}  F1 {m['macro_f1']:.3f}")
-
+        from mifuse_ray.console import summary_table
+        print(summary_table(result.results, result.report_path))
 
 if __name__ == "__main__":
     main(run)

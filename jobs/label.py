@@ -1,4 +1,4 @@
-"""Label target audio with both teachers and MI-Fuse: writes <output>/labels/labels.parquet.
+"""Label target audio with both teachers and fuse: writes <output>/labels{,_dev,_test}/labels.parquet.
 
     python jobs/label.py                                   # the demo target
     python jobs/label.py --target clips/ --source.checkpoint src_model --lalm.base_url http://host:8000/v1
@@ -14,21 +14,22 @@ from mifuse_ray.cli import main, parse_config, parser  # noqa: E402
 def run() -> None:
     import json
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
-    from mifuse_ray.api import check_lalm, check_output_writable, label, lalm_endpoint, resolve_inputs
+    from mifuse_ray.api import check_lalm, check_output_writable, label_splits, lalm_endpoint, resolve_inputs
     from mifuse_ray.labeling import estimate_spend
     from mifuse_ray.ray_utils import init_ray
     check_output_writable(cfg.output)
     init_ray(cfg.ray_address)
     inputs = resolve_inputs(cfg)
-    spend = estimate_spend(cfg, inputs.adapt_df)
+    spend = estimate_spend(cfg, inputs.labelled_clips())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return
     with lalm_endpoint(cfg) as url:
         check_lalm(cfg, url)
-        res = label(cfg, inputs.adapt_df, os.path.abspath(cfg.output), inputs.source_checkpoint, url)
-    from mifuse_ray.report import plot_uncertainty
-    plot_uncertainty(res.table, os.path.join(os.path.dirname(res.labels_path), "uncertainty.png"))
+        results, _ = label_splits(cfg, inputs, os.path.abspath(cfg.output), url)
+    res = results["adapt"]
+    from mifuse_ray.report import plot_fusion
+    plot_fusion(res.table, cfg.labels, os.path.join(os.path.dirname(res.labels_path), "fusion.png"))
     print(json.dumps(res.summary, indent=2, default=str))
     print(f"labels: {res.labels_path}")
 

@@ -1,4 +1,4 @@
-"""Train the MI-Fuse student (or a baseline: --train.mode) from an existing labels.parquet.
+"""Train the student (or a baseline: --train.mode) from the labels jobs/label.py wrote to the same --output.
 
     python jobs/train_student.py --output outputs/demo --train.mode mifuse
 """
@@ -15,6 +15,7 @@ def run() -> None:
     import pandas as pd
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
     from mifuse_ray.api import resolve_inputs
+    from mifuse_ray.calibration import choose_fusion, dev_halves
     from mifuse_ray.config import ConfigError
     from mifuse_ray.ray_utils import init_ray
     from mifuse_ray.train.student import train_student
@@ -23,11 +24,15 @@ def run() -> None:
         raise ConfigError(f"{labels_path} not found: run jobs/label.py with the same --output first")
     init_ray(cfg.ray_address)
     inputs = resolve_inputs(cfg)
-    if inputs.dev_df is None:
-        raise ConfigError("a labelled dev split is needed to select the student (dev_split)")
-    res = train_student(cfg, pd.read_parquet(labels_path), inputs.dev_df, inputs.source_checkpoint, cfg.output,
-                        run_name=cfg.train.mode)
-    print(json.dumps({"model": res.model_dir, "chosen": res.chosen, "best": res.best_metrics}, indent=2, default=str))
+    labels = pd.read_parquet(labels_path)
+    dev_path = os.path.join(cfg.output, "labels_dev", "labels.parquet")
+    dev_labels = pd.read_parquet(dev_path) if os.path.exists(dev_path) else None
+    choice = choose_fusion(labels, dev_labels, cfg.fusion, cfg.labels)
+    student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]] if inputs.dev_df is not None else None
+    res = train_student(cfg, labels, student_dev, inputs.source_checkpoint, cfg.output, run_name=cfg.train.mode,
+                        choice=choice, dev_labels=dev_labels)
+    print(json.dumps({"model": res.model_dir, "final model": res.chosen, "fusion": choice.name,
+                      "last epoch": res.best_metrics}, indent=2, default=str))
 
 
 if __name__ == "__main__":

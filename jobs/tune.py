@@ -19,7 +19,6 @@ def run() -> None:
     p.add_argument("--space", help="YAML {dotted.name: [kind, values]}; kinds: choice, uniform, loguniform, grid")
     cfg, args = parse_config(p)
     from mifuse_ray.api import check_lalm, check_output_writable, label, lalm_endpoint, resolve_inputs
-    from mifuse_ray.config import ConfigError
     from mifuse_ray.ray_utils import init_ray
     from mifuse_ray.tune import DEFAULT_SPACE, largest_answers, run_tune
     space = DEFAULT_SPACE

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .audio import list_inputs
 from .config import ConfigError, MiFuseConfig, to_dict
+from .console import quiet_ray, stage
 from .ray_utils import init_ray
 
 log = logging.getLogger("mifuse_ray")
@@ -31,6 +32,15 @@ class Inputs:
     adapt_df: pd.DataFrame
     dev_df: pd.DataFrame | None
     test_df: pd.DataFrame | None
+
+    def splits(self) -> dict[str, pd.DataFrame]:
+        """Every split the teachers label: the adaptation split, and the dev and test splits that exist."""
+        frames = {"adapt": self.adapt_df, "dev": self.dev_df, "test": self.test_df}
+        return {split: df for split, df in frames.items() if df is not None and len(df)}
+
+    def labelled_clips(self) -> pd.DataFrame:
+        """The clips of every split at once: what the LALM will be asked about (spend, dry run)."""
+        return pd.concat(list(self.splits().values()), ignore_index=True)
 
 
 def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
@@ -120,40 +130,67 @@ def check_output_writable(path: str) -> None:
 
 
 def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, base_url: str) -> str:
-    """What makes stored labels reusable: inputs, teachers and their settings (not the fusion)."""
+    """What makes stored labels reusable: the clips, the source checkpoint's bytes, and every
+    result field of the LALM, source and audio settings (``config.result_fields``); not the fusion,
+    which every run applies afresh to the stored draws."""
+    from .config import result_fields
     from .runrecord import file_sha256
     ckpt_files = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
     ckpt_hash = [file_sha256(os.path.join(checkpoint, f)) for f in ckpt_files]
-    lalm = {k: v for k, v in dataclasses.asdict(cfg.lalm).items()
-            if k not in ("concurrency", "num_actors", "actor_cpus", "batch_size", "batches_in_flight", "dry_run",
-                         "cache_dir")}
-    payload = {"clips": sorted(df["clip_id"]), "paths": sorted(df["path"]), "ckpt": ckpt_hash, "lalm": lalm,
+    source = {k: v for k, v in result_fields(cfg.source).items() if k != "checkpoint"}   # hashed by content
+    payload = {"clips": sorted(df["clip_id"]), "paths": sorted(df["path"]), "ckpt": ckpt_hash,
+               "lalm": result_fields(cfg.lalm), "source": source, "audio": result_fields(cfg.audio),
                "endpoint": "offline" if cfg.lalm.preset == "offline" and not cfg.lalm.base_url else base_url,
-               "source": {k: v for k, v in dataclasses.asdict(cfg.source).items()
-                          if k in ("mc_passes", "mc_scope", "dropout_override", "seed")},
-               "audio": dataclasses.asdict(cfg.audio), "labels": cfg.labels}
+               "labels": cfg.labels}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def label(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str, name: str = "labels"):
+def label(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str, name: str = "labels",
+          limiter: tuple[str, int] | None = None):
     """Label ``df`` (reusing ``<out_dir>/<name>.parquet`` when nothing that changes it has changed)."""
-    from .labeling import LabelingResult, label_target, refuse_stored, summarize, write_parquet
+    from .labeling import LabelingResult, label_target, summarize
     fingerprint = labeling_fingerprint(cfg, df, checkpoint, base_url)
     stage_dir = os.path.join(out_dir, name)
     path = os.path.join(stage_dir, "labels.parquet")
     meta_path = os.path.join(stage_dir, "fingerprint.txt")
     if os.path.exists(path) and os.path.exists(meta_path) and open(meta_path).read() == fingerprint:
-        table = refuse_stored(pd.read_parquet(path), len(cfg.labels), cfg.fusion)
-        write_parquet(table, path)          # atomic: a hard-linked copy elsewhere keeps its own fusion
+        table = pd.read_parquet(path)       # draws reused; label_splits fuses them with this run's fusion
         summary = summarize(table, cfg.labels)
         summary["reused"] = True
         return LabelingResult(path, table, summary)
     if cfg.lalm.cache_dir == "":
         cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out_dir, "lalm_cache")))
-    result = label_target(cfg, df, stage_dir, checkpoint, base_url)
+    result = label_target(cfg, df, stage_dir, checkpoint, base_url, limiter)
     with open(meta_path, "w") as fh:
         fh.write(fingerprint)
     return result
+
+
+LABEL_STAGES = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
+
+
+def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
+    """Both teachers on every split that exists, then one fusion for all of them.
+
+    The adaptation split is what the student learns from; the labelled dev split calibrates and
+    chooses the fusion (``calibration.choose_fusion``); the test split scores the LALM and the fused
+    label beside the students. Each split's draws are reused when nothing that changes them has; the
+    chosen fusion (fitted on the adaptation split) is written into every split's labels.parquet.
+    Returns ({split: LabelingResult}, FusionChoice)."""
+    from .calibration import choose_fusion
+    from .labeling import refused_table, request_limiter, summarize, write_parquet
+    with request_limiter(cfg, inputs.labelled_clips()) as limiter:     # one cap for every split of the run
+        results = {split: label(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split], limiter)
+                   for split, df in inputs.splits().items()}
+    dev = results.get("dev")
+    choice = choose_fusion(results["adapt"].table, dev.table if dev else None, cfg.fusion, cfg.labels)
+    for split, res in results.items():
+        fit = choice.fit if split == "adapt" else choice.fit_for(res.table, cfg.labels)
+        res.table = refused_table(res.table, len(cfg.labels), choice.config, fit)
+        write_parquet(res.table, res.labels_path)
+        res.summary.update(summarize(res.table, cfg.labels))
+    results["adapt"].summary["fusion"] = choice.summary()
+    return results, choice
 
 
 def predict(cfg: MiFuseConfig, target: str, model_dir: str, split: str | None = None) -> pd.DataFrame:
@@ -180,12 +217,19 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
 
     out = os.path.abspath(cfg.output)
     check_output_writable(out)
+    log_path = quiet_ray(os.path.join(out, "logs"), cfg.verbose)
+    if log_path:
+        print(f"Ray's own logs: {log_path} (--verbose shows them here)")
     times: dict[str, float] = {}
     t0 = time.time()
-    init_ray(cfg.ray_address)
-    inputs = resolve_inputs(cfg)
+    with stage("inputs (the demo's data and source model are made on the first run)", 5, 1):
+        init_ray(cfg.ray_address, verbose=cfg.verbose)
+        inputs = resolve_inputs(cfg)
     times["prepare_inputs"] = time.time() - t0
-    spend = estimate_spend(cfg, inputs.adapt_df)
+    if inputs.dev_df is None and cfg.train.select == "smoothed_dev":
+        raise ConfigError("train.select smoothed_dev needs a labelled dev split (dev_split); "
+                          "use train.select final, which needs none")
+    spend = estimate_spend(cfg, inputs.labelled_clips())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return AdaptResult(out, "", {"dry_run": spend}, times)
@@ -196,34 +240,36 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
                                     "lalm_endpoint": base_url, "audio_sent_to": base_url,
                                     "estimated_spend": spend})
         t = time.time()
-        adapt_labels = label(cfg, inputs.adapt_df, out, inputs.source_checkpoint, base_url, "labels")
-        times["label_adapt"] = time.time() - t
-        test_labels = None
-        if inputs.test_df is not None:
-            t = time.time()
-            test_labels = label(cfg, inputs.test_df, out, inputs.source_checkpoint, base_url, "labels_test")
-            times["label_test"] = time.time() - t
-    if inputs.dev_df is None:
-        raise ConfigError("a labelled dev split is needed to select the student (set dev_split); "
-                          "see README 'No dev split'")
+        with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers, then fusion", 5, 2):
+            split_labels, choice = label_splits(cfg, inputs, out, base_url)
+        times["label"] = time.time() - t
+    adapt_labels, test_labels = split_labels["adapt"], split_labels.get("test")
+    dev_labels = split_labels["dev"].table if "dev" in split_labels else None
+    student_dev = None
+    if inputs.dev_df is not None:       # the half of the dev split that did not choose the fusion
+        from .calibration import dev_halves
+        student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]].reset_index(drop=True)
     runs = {"mifuse": cfg.train.mode}
     if cfg.baselines:
-        runs.update({m: m for m in ("lalm_only", "source_only", "shot_im", "equal_weights", "no_ema")})
+        runs.update({m: m for m in cfg.baseline_modes})
     students = {}
     for name, mode in runs.items():
         t = time.time()
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode))
-        students[name] = train_student(run_cfg, adapt_labels.table, inputs.dev_df, inputs.source_checkpoint, out,
-                                       run_name=name)
+        with stage(f"training the {name} student ({cfg.train.epochs} epochs)", 5, 3):
+            students[name] = train_student(run_cfg, adapt_labels.table, student_dev, inputs.source_checkpoint, out,
+                                           run_name=name, choice=choice, dev_labels=dev_labels)
         times[f"train_{name}"] = time.time() - t
     t = time.time()
-    results = evaluate_run(cfg, inputs, students, test_labels)
+    with stage("evaluating every model and teacher on the test split", 5, 4):
+        results = evaluate_run(cfg, inputs, students, test_labels)
     times["evaluate"] = time.time() - t
     results["labeling"] = adapt_labels.summary
     results["labeling_test"] = test_labels.summary if test_labels else None
     results["estimated_spend"] = spend
     times["total"] = time.time() - t0
-    report = write_report(cfg, out, results, times, adapt_labels.table)
+    with stage("writing the report", 5, 5):
+        report = write_report(cfg, out, results, times, adapt_labels.table, students)
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"results": results, "stage_seconds": times, "config": to_dict(cfg)}, fh, indent=2, default=str)
     return AdaptResult(out, report, results, times)

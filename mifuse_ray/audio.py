@@ -11,6 +11,7 @@ import io
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,7 @@ class AudioConfig:
     sample_rate: int = 16000          # every stage works at this rate
     min_sample_rate: int = 8000       # below this a file is rejected, above it resampled
     max_duration_s: float = 60.0      # longer files are rejected or split (long_audio)
-    long_audio: str = "reject"        # "reject" or "split" into fixed windows
+    long_audio: Literal["reject", "split"] = "reject"   # or "split" into fixed windows
     window_s: float = 4.0             # window length when splitting long recordings
     min_duration_s: float = 0.1       # shorter than this counts as empty
     silence_dbfs: float = -60.0       # peak level below this counts as silent

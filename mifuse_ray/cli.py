@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .config import ConfigError, MiFuseConfig, add_config_arguments, config_from_args
 
@@ -32,6 +33,8 @@ def main(run) -> None:
     """Run ``run()``; a mistake the user can fix ends in one line, not a traceback."""
     logging.basicConfig(level=os.environ.get("MIFUSE_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("ray").setLevel(logging.WARNING)
+    # Emitted inside Ray Data's own ExecutionOptions, whatever options a caller passes.
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
     try:
         run()
     except user_errors() as exc:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -20,6 +20,14 @@ from .labels import DEFAULT_LABELS, DEFAULT_SYNONYMS
 
 class ConfigError(ValueError):
     """A configuration a user wrote that cannot work; the message says what to change."""
+
+
+def not_a_result(default, **kw):
+    """A field that changes how a run goes, never what it computes (workers' CPUs, retries, logging):
+    left out of the reuse fingerprints, which are derived from every other field."""
+    if callable(default):
+        return field(default_factory=default, metadata={"result": False}, **kw)
+    return field(default=default, metadata={"result": False}, **kw)
 
 
 @dataclass
@@ -36,7 +44,7 @@ class DemoConfig:
 class LALMConfig:
     """The audio LLM behind an OpenAI-compatible chat-completions endpoint."""
 
-    preset: str = "offline"             # offline | vllm-qwen2-audio | vllm-qwen2.5-omni | openai | gemini
+    preset: Literal["offline", "vllm-qwen2-audio", "vllm-qwen2.5-omni", "openai", "gemini"] = "offline"
     base_url: str = ""                  # empty: start the offline stand-in endpoint on loopback
     model: str = ""                     # empty: the preset's model
     api_key_env: str = "MIFUSE_LALM_API_KEY"  # name of the environment variable holding the key
@@ -55,20 +63,20 @@ class LALMConfig:
     retry_budget: float = 0.5           # retries allowed, as a fraction of the requests needed
     backoff_base_s: float = 0.5
     backoff_max_s: float = 20.0
-    concurrency: int = 32               # requests in flight per actor
-    num_actors: int = 1
-    actor_cpus: float = 0.25
-    batch_size: int = 64
-    batches_in_flight: int = 8          # batches one actor works on at once: no idle gap between batches
+    concurrency: int = not_a_result(32)          # requests in flight per actor
+    num_actors: int = not_a_result(1)
+    actor_cpus: float = not_a_result(0.25)
+    batch_size: int = not_a_result(64)
+    batches_in_flight: int = not_a_result(8)     # batches one actor works on at once: no idle gap between batches
     qps: float = 0.0                    # cluster-wide requests/s (0: unlimited)
-    cache_dir: str = ""                 # empty: <output>/lalm_cache
+    cache_dir: str = not_a_result("")            # empty: <output>/lalm_cache
     max_requests: int = 0               # hard cap on requests sent by one run (0: none)
     max_cost_usd: float = 0.0           # hard cap on estimated spend (0: none)
     usd_per_request: float = 0.0
     usd_per_audio_minute: float = 0.0
-    dry_run: bool = False               # estimate requests, audio and cost, send nothing
+    dry_run: bool = not_a_result(False)          # estimate requests, audio and cost, send nothing
     budget: float = 1.0                 # clips to ask: a fraction (≤ 1) or a count (> 1)
-    budget_selection: str = "mi_diverse"  # mi_diverse | random
+    budget_selection: Literal["mi_diverse", "random"] = "mi_diverse"
 
 
 @dataclass
@@ -77,24 +85,37 @@ class SourceConfig:
 
     checkpoint: str = ""                # empty: the demo source model (trained if missing)
     mc_passes: int = 10                 # K_max passes, all stored
-    mc_scope: str = "full"              # full | head (see README)
+    mc_scope: Literal["full", "head"] = "full"   # see README
     dropout_override: float | None = None
     seed: int = 4321
-    batch_size: int = 32
-    num_actors: int = 1
-    actor_cpus: float = 0.5
+    batch_size: int = not_a_result(32)
+    num_actors: int = not_a_result(1)
+    actor_cpus: float = not_a_result(0.5)
     num_gpus: float = 0.0               # per actor
     amp: bool = True                    # bf16 autocast on GPU
 
 
 @dataclass
 class FusionConfig:
-    """How stored draws become the soft label q (re-run per Tune trial, never re-querying)."""
+    """How stored draws become the soft label q (re-run per Tune trial, never re-querying).
+
+    The defaults are the fusion the six-transfer label benchmark measured best (README 'Fusion');
+    the MI-Fuse paper's own fusion is ``weighting: exp, balance_teachers: none, balance_fused:
+    none, calibrate: false, select_on_dev: false`` (the named variant ``mifuse_paper``)."""
 
     lalm_answers: int = 0               # N ≤ N_max used (0: all)
     source_passes: int = 0              # K ≤ K_max used (0: all)
-    uncertainty: str = "vote_entropy"   # vote_entropy | mi | entropy
-    weighting: str = "exp"              # exp | inverse | fixed
+    uncertainty: Literal["vote_entropy", "mi", "entropy"] = "vote_entropy"
+    # exp: the paper's w ∝ exp(-U/τ); dev: one global weight per teacher fitted on the dev split
+    weighting: Literal["exp", "inverse", "equal", "fixed", "dev"] = "dev"
+    combine: Literal["mean", "product", "label_model"] = "product"
+    balance_teachers: Literal["none", "mean", "sinkhorn"] = "mean"     # each teacher towards the prior
+    balance_fused: Literal["none", "mean", "sinkhorn"] = "sinkhorn"    # the fused label towards the prior
+    prior: Literal["uniform", "given", "estimated"] = "uniform"        # the class prior balancing aims at
+    prior_values: list[float] = field(default_factory=list)            # with prior: given
+    calibrate: bool = False             # a temperature per teacher, fitted on the dev split's labels
+    select_on_dev: bool = False         # choose among `candidates` by fused-label UAR on half the dev split
+    candidates: list[str] = field(default_factory=lambda: ["mean_balanced", "product_balanced", "mean_dev_weighted"])
     tau: float = 0.5
     eps: float = 1e-6
     fixed_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
@@ -104,35 +125,40 @@ class FusionConfig:
 
 @dataclass
 class TrainConfig:
-    """Student adaptation (Ray Train)."""
+    """Student adaptation (Ray Train). What each mode changes is the table in train/modes.py."""
 
-    mode: str = "mifuse"                # mifuse | lalm_only | source_only | equal_weights | no_ema | shot_im
-    epochs: int = 12
-    batch_size: int = 32
+    mode: Literal["mifuse", "mifuse_paper", "lalm_labels", "source_labels", "equal_weights", "no_ema",
+                  "shot_im"] = "mifuse"
+    epochs: int = 16
+    batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_frac: float = 0.1
     grad_clip: float = 5.0
     lambda_div: float = 1.0
-    prior: str = "uniform"              # uniform | q_mean
-    ema_decay: float = 0.995
-    ema_half_life_epochs: float = 0.0   # > 0 overrides ema_decay
-    refuse_from_epoch: int = 2          # from this epoch the EMA model is the auxiliary teacher
+    prior: Literal["uniform", "q_mean"] = "uniform"
+    ema_decay: float = 0.97             # per optimiser step; see README 'EMA' for when it binds
+    ema_half_life_steps: float = 0.0    # > 0 overrides ema_decay: the EMA forgets half in this many steps
+    consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
+    consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
+    consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
+    refuse_from_epoch: int = 2          # from this epoch the EMA model may be the auxiliary teacher ...
+    refuse_gate: bool = True            # ... once its dev UAR passes the fused label's (when a dev split exists)
     ema_mc_passes: int = 4
-    ema_mc_scope: str = "head"
-    select_metric: str = "dev_uar"      # chosen on the dev split, never test
+    ema_mc_scope: Literal["head", "full"] = "head"
+    select: Literal["final", "smoothed_dev"] = "final"   # the final EMA (or student), or the best 3-epoch dev mean
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = not_a_result(1.0)
     use_gpu: bool = False
     amp: bool = True
-    max_failures: int = 2
+    max_failures: int = not_a_result(2)
     seed: int = 0
     augment: bool = True
     noise_snr_db: tuple[float, float] = (10.0, 30.0)
     gain_db: float = 6.0
     max_shift_s: float = 0.2
     speed_range: tuple[float, float] = (0.9, 1.1)
-    distill_teacher: str = "ema"        # ema | source: the model the distillation terms follow
+    distill_teacher: Literal["ema", "source"] = "ema"   # the model the distillation terms follow
     distill_kl_weight: float = 0.0      # > 0: + w · T² KL(teacher/T || student/T) on the logits
     distill_temperature: float = 2.0
     cka_weight: float = 0.0             # > 0: + w · (1 − attention-weighted CKA) of frame features
@@ -175,7 +201,10 @@ class MiFuseConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_train: SourceTrainConfig = field(default_factory=SourceTrainConfig)
-    baselines: bool = False             # also train the baseline students for the report
+    verbose: bool = not_a_result(False)   # Ray's own logs and progress bars on the console (else logs/ray.log)
+    baselines: bool = False             # also train the baseline students for the report ...
+    baseline_modes: list[str] = field(default_factory=lambda: ["lalm_labels", "source_labels", "shot_im",
+                                                               "mifuse_paper", "equal_weights", "no_ema"])  # ... these
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -187,6 +216,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if value is None:
         return None
+    if origin is Literal:                       # every choice field is checked here, and only here
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
     if origin is typing.Union or (origin is not None and type(None) in args):
         inner = [a for a in args if a is not type(None)]
         if isinstance(value, str) and value.lower() in ("none", "null", ""):
@@ -278,40 +311,62 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _literal_errors(obj: Any, prefix: str = "") -> list[str]:
+    """Every choice field (a ``Literal``) of the tree whose value is not one of its choices."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        tp, value = _field_types(type(obj))[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            errors += _literal_errors(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            errors.append(f"{prefix}{f.name} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}")
+    return errors
+
+
+def _literal_choices(cls, name: str) -> tuple:
+    return typing.get_args(_field_types(cls)[name])
+
+
 def validate(cfg: MiFuseConfig) -> None:
-    from .fusion import UNCERTAINTIES, WEIGHTINGS
-    from .models.predict import SCOPES
-    checks = [
+    """Choice fields against their ``Literal`` choices, then the numeric ranges."""
+    from .fusion import VARIANTS
+    checks = [(not errors, errors[0] if errors else "") for errors in [_literal_errors(cfg)]] + [
         (cfg.lalm.n_answers >= 1, "lalm.n_answers must be ≥ 1"),
         (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),
         (cfg.source.mc_passes >= 1, "source.mc_passes must be ≥ 1"),
-        (cfg.source.mc_scope in SCOPES, f"source.mc_scope must be one of {SCOPES}"),
-        (cfg.train.ema_mc_scope in SCOPES, f"train.ema_mc_scope must be one of {SCOPES}"),
         (0 <= cfg.fusion.lalm_answers <= cfg.lalm.n_answers,
          "fusion.lalm_answers must be between 0 (all) and lalm.n_answers"),
         (0 <= cfg.fusion.source_passes <= cfg.source.mc_passes,
          "fusion.source_passes must be between 0 (all) and source.mc_passes"),
-        (cfg.fusion.uncertainty in UNCERTAINTIES, f"fusion.uncertainty must be one of {UNCERTAINTIES}"),
-        (cfg.fusion.weighting in WEIGHTINGS, f"fusion.weighting must be one of {WEIGHTINGS}"),
         (cfg.fusion.tau > 0, "fusion.tau must be > 0"),
-        (cfg.train.mode in TRAIN_MODES, f"train.mode must be one of {TRAIN_MODES}"),
+        (all(c in VARIANTS for c in cfg.fusion.candidates),
+         f"fusion.candidates must name fusion variants: {', '.join(VARIANTS)}"),
+        (cfg.fusion.prior != "given" or len(cfg.fusion.prior_values) == len(cfg.labels),
+         "fusion.prior_values needs one value per label with fusion.prior: given"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
-        (cfg.train.prior in ("uniform", "q_mean"), "train.prior must be 'uniform' or 'q_mean'"),
-        (cfg.audio.long_audio in ("reject", "split"), "audio.long_audio must be 'reject' or 'split'"),
         (len(cfg.labels) >= 2 and len(set(cfg.labels)) == len(cfg.labels), "labels must be ≥ 2 distinct names"),
-        (cfg.train.distill_teacher in ("ema", "source"), "train.distill_teacher must be ema or source"),
         (cfg.train.distill_kl_weight >= 0 and cfg.train.cka_weight >= 0 and cfg.train.distill_temperature > 0,
          "train.distill_kl_weight and train.cka_weight must be ≥ 0, train.distill_temperature > 0"),
         (cfg.train.lora_rank >= 0, "train.lora_rank must be ≥ 0 (0: fine-tune the whole student)"),
         (cfg.lalm.budget > 0, "lalm.budget must be > 0 (a fraction ≤ 1 or a count)"),
-        (cfg.lalm.budget_selection in ("mi_diverse", "random"), "lalm.budget_selection must be mi_diverse or random"),
+        (set(cfg.baseline_modes) <= set(_literal_choices(TrainConfig, "mode")),
+         f"baseline_modes must name train modes: {', '.join(_literal_choices(TrainConfig, 'mode'))}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-TRAIN_MODES = ("mifuse", "lalm_only", "source_only", "equal_weights", "no_ema", "shot_im")
+def result_fields(obj: Any) -> dict:
+    """A config dataclass as a dict without the fields marked ``not_a_result`` (recursively):
+    what the reuse fingerprints hash, so that a new field counts unless it says it does not."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("result", True):
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = result_fields(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=MiFuseConfig, prefix: str = "") -> None:
@@ -321,8 +376,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=MiFuseConfig, pref
         if dataclasses.is_dataclass(tp):
             add_config_arguments(parser, tp, f"{prefix}{f.name}.")
         else:
+            flag = dict(nargs="?", const="true") if tp is bool else {}     # `--verbose` alone means true
             parser.add_argument(f"--{prefix}{f.name}", dest=f"cfg:{prefix}{f.name}", default=None,
-                                metavar=getattr(tp, "__name__", "VALUE").upper(), help=argparse.SUPPRESS)
+                                metavar=getattr(tp, "__name__", "VALUE").upper(), help=argparse.SUPPRESS, **flag)
 
 
 def config_from_args(args: argparse.Namespace, base: MiFuseConfig | None = None) -> MiFuseConfig:

@@ -19,7 +19,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
     from .data import decoded_clips
     from .predict import predict_decoded
     C = len(cfg.labels)
-    out = {"test": {}, "selection": {}}
+    out = {"test": {}, "selection": {}, "predictions": {}, "truth": {}}
     if inputs.test_df is None or inputs.test_df.empty:
         out["note"] = "no labelled test split: nothing evaluated"
         return out
@@ -29,25 +29,41 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
     models = {"source_only": inputs.source_checkpoint}
     for name, res in students.items():
         models[f"{name}_student"] = res.student_dir
-        models[f"{name}_ema"] = res.ema_dir
-        out["selection"][name] = {"chosen": res.chosen, "dev_uar": res.best_metrics.get("dev_uar"),
+        if res.ema_dir:
+            models[f"{name}_ema"] = res.ema_dir
+        out["selection"][name] = {"final model": res.chosen, "epoch": res.best_metrics.get("epoch"),
+                                  "dev_uar": res.best_metrics.get("dev_uar"),
                                   "ema_dev_uar": res.best_metrics.get("ema_dev_uar"),
-                                  "epoch": res.best_metrics.get("epoch"), "train_seconds": res.seconds}
+                                  "fused_label_dev_uar": res.fused_dev_uar, "train_seconds": res.seconds}
     for name, model_dir in models.items():
         pred = predict_decoded(decoded, model_dir, cfg)
         pred = pred[pred["error"].isna()]
         y = np.array([truth[c] for c in pred["clip_id"]])
         p = np.array([cfg.labels.index(label) for label in pred["pred"]])
         out["test"][name] = score(y, p, C)
+        out["predictions"][name] = dict(zip(pred["clip_id"], p.tolist()))
     if test_labels is not None:
         t = test_labels.table
         t = t[t["clip_id"].isin(truth)]
         y = np.array([truth[c] for c in t["clip_id"]])
         for name, col in (("lalm_zero_shot", "lalm_pred"), ("fused_label", "fused_pred")):
-            pred = t[col].to_numpy()
             # a clip a teacher could not answer counts as wrong, not as skipped
-            out["test"][name] = score(y, np.where(pred >= 0, pred, (y + 1) % C), C)
+            pred = np.where(t[col].to_numpy() >= 0, t[col].to_numpy(), (y + 1) % C)
+            out["test"][name] = score(y, pred, C)
+            out["predictions"][name] = dict(zip(t["clip_id"], pred.tolist()))
+    out["truth"] = {k: int(v) for k, v in truth.items()}
     return out
+
+
+def compare(results: dict, a: str, b: str, num_classes: int) -> tuple[float, float, float] | None:
+    """UAR(a) − UAR(b) on the test clips both were scored on, with a paired bootstrap 95% CI."""
+    from .metrics import paired_uar_difference
+    pa, pb = results.get("predictions", {}).get(a), results.get("predictions", {}).get(b)
+    if not pa or not pb:
+        return None
+    clips = sorted(set(pa) & set(pb))
+    y = [results["truth"][c] for c in clips]
+    return paired_uar_difference(y, [pa[c] for c in clips], [pb[c] for c in clips], num_classes, n_boot=500)
 
 
 def results_table(results: dict) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""MI-Fuse label fusion (METHOD.md §2) as pure, vectorised functions.
+"""MI-Fuse label fusion (docs/method.md §2–3) as pure, vectorised functions.
 
 Everything here runs unchanged on numpy arrays (the labeling stage, Tune trials
 re-fusing stored draws) and on torch tensors (online re-fusion with the EMA teacher
@@ -11,7 +11,7 @@ BALD mutual information of the soft draws is computed too where soft draws exist
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,11 +22,37 @@ except ImportError:  # pragma: no cover
     torch = None
 
 UNCERTAINTIES = ("vote_entropy", "mi", "entropy")
-WEIGHTINGS = ("exp", "inverse", "fixed")
+WEIGHTINGS = ("exp", "inverse", "equal", "fixed")
+COMBINES = ("mean", "product", "label_model")
+BALANCINGS = ("none", "mean", "sinkhorn")
+
+# Named fusions: field overrides of FusionConfig. The teachers alone and the paper's MI-Fuse are
+# here so that every table and the dev choice speak of the same things.
+VARIANTS: dict[str, dict] = {  # FusionConfig field overrides
+    "mifuse_paper": dict(weighting="exp", combine="mean", balance_teachers="none", balance_fused="none",
+                         calibrate=False),
+    "equal": dict(weighting="equal", combine="mean", balance_teachers="none", balance_fused="none", calibrate=False),
+    "lalm": dict(weighting="fixed", fixed_weights=[1.0, 0.0], combine="mean", balance_teachers="none",
+                 balance_fused="none", calibrate=False),
+    "source": dict(weighting="fixed", fixed_weights=[0.0, 1.0], combine="mean", balance_teachers="none",
+                   balance_fused="none", calibrate=False),
+    "lalm_balanced": dict(weighting="fixed", fixed_weights=[1.0, 0.0], combine="mean", balance_teachers="none",
+                          balance_fused="sinkhorn"),
+    "mean_balanced": dict(weighting="equal", combine="mean", balance_teachers="mean", balance_fused="sinkhorn"),
+    "paper_balanced": dict(weighting="exp", combine="mean", balance_teachers="mean", balance_fused="sinkhorn"),
+    "mean_dev_weighted": dict(weighting="dev", combine="mean", balance_teachers="mean", balance_fused="sinkhorn"),
+    "product_dev_weighted": dict(weighting="dev", combine="product", balance_teachers="mean",
+                                 balance_fused="sinkhorn"),
+    "product_balanced": dict(weighting="equal", combine="product", balance_teachers="mean",
+                             balance_fused="sinkhorn"),
+    "label_model": dict(weighting="equal", combine="label_model", balance_teachers="mean",
+                        balance_fused="sinkhorn"),
+}
+
 
 # Per-clip fusion outcome, stored as a small integer and named in STATUS_NAMES.
-FUSED, EQUAL_WEIGHTS_SINGLE_DRAW, ONLY_FIRST, ONLY_SECOND, NO_TEACHER = range(5)
-STATUS_NAMES = ("fused", "equal_weights_single_draw", "only_lalm", "only_source", "no_teacher")
+FUSED, EQUAL_WEIGHTS_SINGLE_DRAW, TEACHER_MISSING, NO_TEACHER = range(4)
+STATUS_NAMES = ("fused", "equal_weights_single_draw", "teacher_missing", "no_teacher")
 
 
 def _is_torch(x) -> bool:
@@ -70,6 +96,12 @@ class _Ops:
 
     def index(self, x):
         return x.long() if self.torch else x
+
+    def no_rows(self, like):
+        """An all-False (B,) mask."""
+        if self.torch:
+            return torch.zeros(like.shape[0], dtype=torch.bool, device=self.device)
+        return np.zeros(like.shape[0], dtype=bool)
 
     def to_int(self, x):
         return x.to(torch.int64) if self.torch else x.astype(np.int64)
@@ -148,71 +180,323 @@ class FusionResult:
     status: Any        # (B,) integer codes, names in STATUS_NAMES
 
 
-def fuse(teachers: Sequence[TeacherStats], uncertainty: str = "vote_entropy", weighting: str = "exp",
-         tau: float = 0.5, eps: float = 1e-6, fixed_weights: Sequence[float] | None = None,
-         sharpen_temperature: float = 1.0, min_confidence: float = 0.0) -> FusionResult:
-    """Fuse T teachers' mean predictions with per-clip uncertainty weights.
+@dataclass
+class FusionFit:
+    """The global part of a fusion, fitted once over the whole split and then applied per batch.
 
-    w_t ∝ exp(-U_t/τ) (``exp``) or 1/(U_t+ε) (``inverse``) or given constants (``fixed``).
-    A teacher with no valid draw on a clip gets weight 0 there; where a present teacher has
-    a single draw there is no spread to measure and the present teachers share equally.
+    Every vector is (C,) and every list has one entry per teacher. ``None`` means "not used".
+    Balancing a distribution p towards the prior is p ⊙ v / <p, v> for a scale vector v: one
+    step of it (v = π / mean p) is class-mean balancing, iterating it is Sinkhorn; so the same
+    ``rescale`` applies both, to each teacher and to the fused label.
     """
-    if uncertainty not in UNCERTAINTIES:
-        raise ValueError(f"uncertainty must be one of {UNCERTAINTIES}, got {uncertainty!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if weighting == "fixed" and (fixed_weights is None or len(fixed_weights) != len(teachers)):
-        raise ValueError("weighting='fixed' needs one fixed weight per teacher")
+
+    temperatures: list | None = None       # per teacher, from the dev split (1.0: as given)
+    teacher_scales: list | None = None     # per teacher: balancing scale vector v_t
+    fused_scale: Any = None                # balancing scale vector of the fused label
+    log_confusion: list | None = None      # label model: per teacher (C_true, C_said) log P(said | true)
+    log_prior: Any = None                  # label model: (C,) log class prior
+    notes: list = field(default_factory=list)   # what the fit had to work around (a class nobody predicts, …)
+
+
+def temper(p, temperature: float):
+    """p^(1/T), renormalised: T > 1 softens a teacher that is over-confident, T < 1 sharpens."""
+    if temperature == 1.0:
+        return p
+    ops = _Ops(p)
+    powered = ops.exp(ops.log(ops.where(p > 0, p, 1e-12)) / temperature)
+    return powered / ops.sum_keep(powered)
+
+
+def rescale(p, scale):
+    """p ⊙ v / <p, v> per row (rows that are all zero or NaN stay as they are)."""
+    if scale is None:
+        return p
+    ops = _Ops(p)
+    scaled = p * ops.f32(scale)[None, :]
+    norm = ops.sum_keep(scaled)
+    return ops.where(norm > 0, scaled / ops.where(norm > 0, norm, 1.0), p)
+
+
+def _present(teachers, fixed_weights=None):
+    ops = _Ops(teachers[0].pbar)
+    present = ops.stack([ops.f32(t.n) for t in teachers]) > 0
+    if fixed_weights is not None:  # a teacher given weight 0 is absent: it must not stand in for another
+        present = present & (ops.f32(list(fixed_weights))[None, :] > 0)
+    return present
+
+
+def _weights(teachers, present, uncertainty: str, weighting: str, tau: float, eps: float, fixed_weights):
+    """Per-clip teacher weights (B, T) summing to 1 over the teachers present, and the U_t used."""
     ops = _Ops(teachers[0].pbar)
     U = ops.stack([getattr(t, uncertainty) for t in teachers])      # (B, T)
-    pbar = ops.stack([t.pbar for t in teachers])                     # (B, T, C)
-    n = ops.stack([ops.f32(t.n) for t in teachers])                  # (B, T)
-    present = n > 0
-    if weighting == "fixed":  # a teacher given weight 0 is absent: it must not stand in for the other
-        present = present & (ops.f32(list(fixed_weights))[None, :] > 0)
-    if uncertainty == "mi" and bool((present & (U != U)).any()):
+    n = ops.stack([ops.f32(t.n) for t in teachers])
+    if uncertainty == "mi" and weighting in ("exp", "inverse") and bool((present & (U != U)).any()):
         raise ValueError("uncertainty='mi' needs soft draws from every teacher (LALM logprobs); "
                          "use 'vote_entropy' or enable logprobs")
     U = ops.where(present & (U == U), U, 0.0)
-
+    present_f = ops.f32(present)
     if weighting == "exp":
         logits = ops.where(present, -U / tau, -1e30)
         raw = ops.exp(logits - ops.max_keep(logits))
     elif weighting == "inverse":
         raw = 1.0 / (U + eps)
-    else:
+    elif weighting == "fixed":
         raw = U * 0 + ops.f32(list(fixed_weights))[None, :]
-    present_f = ops.f32(present)
-    single = (present & (n < 2)).any(1)
+    else:                                                            # equal
+        raw = present_f
+    # a present teacher with one draw has no spread to measure: uncertainty weights fall back to equal
+    single = (present & (n < 2)).any(1) if weighting in ("exp", "inverse") else ops.no_rows(present)
     raw = ops.where(single[:, None], present_f, raw * present_f)
     total = ops.sum_keep(raw)
-    weights = raw / ops.where(total > 0, total, 1.0)
+    return raw / ops.where(total > 0, total, 1.0), U, single
 
-    q = (weights[..., None] * ops.where(present[..., None], pbar, 0.0)).sum(1)
+
+def corrected_pbars(teachers, fit: FusionFit | None) -> list:
+    """Each teacher's p̄ after its dev-split temperature and its balancing, as the fusion sees it."""
+    out = []
+    for i, t in enumerate(teachers):
+        p = t.pbar
+        if fit is not None and fit.temperatures is not None:
+            p = temper(p, fit.temperatures[i])
+        if fit is not None and fit.teacher_scales is not None:
+            p = rescale(p, fit.teacher_scales[i])
+        out.append(p)
+    return out
+
+
+def label_model_posterior(pbars, present, log_confusion, log_prior):
+    """Dawid–Skene E-step with each teacher's p̄ as one soft vote: log post_k = log ρ_k +
+    Σ_t Σ_c p̄_t(c) log P_t(c | k). Counting the teacher's answer *distribution* once, not
+    each of its N draws as an independent annotator, keeps a many-draw teacher from
+    drowning the other (the plain per-draw EM was measured below the LALM alone)."""
+    ops = _Ops(pbars[0])
+    logits = ops.f32(log_prior)[None, :] + pbars[0][:, :1] * 0
+    for p, logc, here in zip(pbars, log_confusion, [present[:, i] for i in range(present.shape[1])]):
+        p = ops.where(here[:, None], ops.where(p == p, p, 0.0), 0.0)
+        logits = logits + p @ ops.f32(logc).T
+    post = ops.exp(logits - ops.max_keep(logits))
+    return post / ops.sum_keep(post)
+
+
+def fuse(teachers: Sequence[TeacherStats], uncertainty: str = "vote_entropy", weighting: str = "exp",
+         tau: float = 0.5, eps: float = 1e-6, fixed_weights: Sequence[float] | None = None,
+         sharpen_temperature: float = 1.0, min_confidence: float = 0.0, combine: str = "mean",
+         fit: FusionFit | None = None) -> FusionResult:
+    """Fuse T teachers' (corrected) mean predictions into the soft label q, per clip.
+
+    weighting: w_t ∝ exp(-U_t/τ) (``exp``, the MI-Fuse paper) or 1/(U_t+ε) (``inverse``) or equal
+    or given constants (``fixed``). combine: the weighted mean Σ w_t p̃_t (``mean``), the product
+    of experts Π p̃_t^{w_t} (``product``), or the label model's posterior (``label_model``, which
+    needs ``fit.log_confusion``). ``fit`` carries the global corrections (dev temperatures, class
+    balancing of each teacher and of q); without it this is the paper's per-clip fusion.
+    A teacher with no valid draw on a clip gets weight 0 there; where a present teacher has a
+    single draw there is no spread to measure and the present teachers share equally.
+    """
+    if uncertainty not in UNCERTAINTIES:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTIES}, got {uncertainty!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if weighting == "fixed" and (fixed_weights is None or len(fixed_weights) != len(teachers)):
+        raise ValueError("weighting='fixed' needs one fixed weight per teacher")
+    ops = _Ops(teachers[0].pbar)
+    present = _present(teachers, fixed_weights if weighting == "fixed" else None)
+    weights, U, single = _weights(teachers, present, uncertainty, weighting, tau, eps, fixed_weights)
+    pbars = corrected_pbars(teachers, fit)
+    pbar = ops.stack(pbars)                                          # (B, T, C)
+    if combine == "label_model":
+        if fit is None or fit.log_confusion is None:
+            raise ValueError("combine='label_model' needs a fitted label model (fit_fusion)")
+        q = label_model_posterior(pbars, present, fit.log_confusion, fit.log_prior)
+    elif combine == "product":
+        logp = ops.log(ops.where(present[..., None] & (pbar > 0), pbar, 1.0))
+        logp = ops.where(present[..., None] & ~(pbar > 0), -30.0, logp)
+        logits = (weights[..., None] * logp).sum(1)
+        q = ops.exp(logits - ops.max_keep(logits))
+        q = q / ops.sum_keep(q)
+    else:
+        q = (weights[..., None] * ops.where(present[..., None], pbar, 0.0)).sum(1)
+    if fit is not None:
+        q = rescale(q, fit.fused_scale)
     if sharpen_temperature != 1.0:
-        powered = q ** (1.0 / sharpen_temperature)
-        norm = ops.sum_keep(powered)
-        q = powered / ops.where(norm > 0, norm, 1.0)
+        q = temper(q, sharpen_temperature)
     any_present = present.any(1)
     q = ops.where(any_present[:, None], q, float("nan"))
     confident = ops.max_keep(ops.where(any_present[:, None], q, 0.0))[:, 0] >= min_confidence
     clip_weight = ops.f32(any_present & confident)
 
     status = ops.where(single, float(EQUAL_WEIGHTS_SINGLE_DRAW), float(FUSED))
-    if len(teachers) == 2:
-        status = ops.where(present[:, 0] & ~present[:, 1], float(ONLY_FIRST), status)
-        status = ops.where(~present[:, 0] & present[:, 1], float(ONLY_SECOND), status)
+    status = ops.where(any_present & ~present.all(1), float(TEACHER_MISSING), status)
     status = ops.to_int(ops.where(~any_present, float(NO_TEACHER), status))
     return FusionResult(q=q, weights=weights, uncertainty=U, clip_weight=clip_weight, status=status)
 
 
 def draw_labels(soft, uniforms):
-    """One label per draw, v ~ Categorical(s), by inverse CDF of given uniforms.
+    """One label per draw, v ~ Categorical(s), by inverse CDF of given uniforms (numpy or torch).
 
     soft: (B, K, C) distributions; uniforms: (B, K) in [0, 1), derived from per-(clip, pass)
-    seeds by the caller so that draws do not depend on batching.
+    seeds by the caller so that draws do not depend on batching. The labelling stage draws the
+    source teacher's votes with it, training the EMA teacher's: one code path for both.
     """
+    if _is_torch(soft):
+        cdf = soft.to(torch.float64).cumsum(-1)
+        cdf[..., -1] = float("inf")
+        return (uniforms.to(cdf.device, torch.float64)[..., None] >= cdf).sum(-1)
     soft = np.asarray(soft, dtype=np.float64)
     cdf = np.cumsum(soft, axis=-1)
     cdf[..., -1] = np.inf
     return (np.asarray(uniforms)[..., None] >= cdf).sum(-1).astype(np.int64)
+
+
+class OnlineBalance:
+    """Class balancing for online re-fusion: running class means of a teacher (or of q) over the
+    steps of training, standing in for the whole-split means the labelling fit used.
+    ``scale()`` is π / m, the one-step balancing vector ``rescale`` applies."""
+
+    def __init__(self, prior, initial_scale=None, momentum: float = 0.95):
+        self.prior = np.asarray(prior, dtype=np.float64)
+        start = self.prior / np.asarray(initial_scale) if initial_scale is not None else self.prior
+        self.mean = start / start.sum()
+        self.momentum = momentum
+
+    def update(self, p) -> None:
+        p = np.asarray(p.detach().cpu() if _is_torch(p) else p, dtype=np.float64)
+        p = p[np.isfinite(p).all(1)]
+        if len(p):
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * p.mean(0)
+
+    def scale(self):
+        return self.prior / np.maximum(self.mean, 0.02 / len(self.mean))
+
+
+# -- the global part: fitted over the whole split, in passes over its batches -----------------
+def fit_temperatures(teachers: Sequence[TeacherStats], y, grid=None) -> list[float]:
+    """Per teacher, the temperature that minimises the negative log-likelihood of the dev
+    split's labels ``y`` under its tempered p̄ (clips where the teacher answered)."""
+    grid = np.exp(np.linspace(np.log(0.1), np.log(10.0), 41)) if grid is None else grid
+    y = np.asarray(y)
+    out = []
+    for t in teachers:
+        here = np.asarray(t.n) > 0
+        p = np.asarray(t.pbar, dtype=np.float64)[here]
+        if not here.any():
+            out.append(1.0)
+            continue
+        nll = [-np.log(np.clip(temper(p, T)[np.arange(len(p)), y[here]], 1e-6, None)).mean() for T in grid]
+        out.append(float(grid[int(np.argmin(nll))]))
+    return out
+
+
+def _column_means(batches, rows_of) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: the sum over clips of ``rows_of(batch)`` (a list of (B, C) arrays and (B,) masks),
+    per list entry, divided by the clips counted. Memory is one batch, whatever the split's size."""
+    sums, counts = None, None
+    for batch in batches():
+        parts = rows_of(batch)
+        if sums is None:
+            sums = [np.zeros(np.asarray(p).shape[1]) for p, _ in parts]
+            counts = [0.0] * len(parts)
+        for i, (p, mask) in enumerate(parts):
+            p, mask = np.asarray(p, dtype=np.float64), np.asarray(mask, dtype=bool)
+            sums[i] += np.nan_to_num(p[mask]).sum(0)
+            counts[i] += float(mask.sum())
+    if sums is None:
+        return [], []
+    return [s / max(c, 1.0) for s, c in zip(sums, counts)], counts
+
+
+def _scale_step(scale, marginal, prior, floor: float, notes: list, what: str):
+    """v ← v · π / m, with a class nobody predicts floored instead of divided by zero (noted)."""
+    marginal = np.asarray(marginal, dtype=np.float64)
+    starved = marginal < floor
+    if starved.any():
+        note = f"{what}: class(es) {np.flatnonzero(starved).tolist()} almost never predicted; balancing capped"
+        if note not in notes:
+            notes.append(note)
+    return np.asarray(scale, dtype=np.float64) * np.asarray(prior) / np.maximum(marginal, floor)
+
+
+def fit_fusion(batches, num_classes: int, *, prior=None, balance_teachers: str = "mean",
+               balance_fused: str = "sinkhorn", temperatures=None, sinkhorn_iters: int = 20,
+               label_model_iters: int = 30, **fuse_kwargs) -> FusionFit:
+    """The global corrections of a fusion, fitted over every clip of the split.
+
+    ``batches()`` yields lists of TeacherStats (numpy), one per batch; it is called once per pass,
+    so the split streams through and is never held at once. The steps, each a few passes:
+    1. each teacher balanced towards the prior π (its class means; Sinkhorn iterates that);
+    2. with ``combine='label_model'``: Dawid–Skene EM for each teacher's confusion matrix,
+       started from the balanced equal-weight mean (see ``label_model_posterior``);
+    3. the fused label balanced towards π.
+    Clips a teacher did not answer (errors, budget, spend cap) do not count in its statistics.
+    """
+    if balance_teachers not in BALANCINGS or balance_fused not in BALANCINGS:
+        raise ValueError(f"balancing must be one of {BALANCINGS}")
+    prior = np.full(num_classes, 1.0 / num_classes) if prior is None else np.asarray(prior, dtype=np.float64)
+    prior = prior / prior.sum()
+    floor = 0.02 / num_classes
+    fit = FusionFit(temperatures=list(temperatures) if temperatures is not None else None)
+    fixed = fuse_kwargs.get("fixed_weights") if fuse_kwargs.get("weighting") == "fixed" else None
+
+    if balance_teachers != "none":
+        passes = 1 if balance_teachers == "mean" else sinkhorn_iters
+        for _ in range(passes):
+            means, _ = _column_means(batches, lambda ts: list(zip(corrected_pbars(ts, fit),
+                                                                  _present(ts, fixed).T)))
+            if not means:
+                break
+            scales = fit.teacher_scales or [np.ones(num_classes)] * len(means)
+            fit.teacher_scales = [_scale_step(v, m, prior, floor, fit.notes, f"teacher {i}")
+                                  for i, (v, m) in enumerate(zip(scales, means))]
+
+    if fuse_kwargs.get("combine") == "label_model":
+        _fit_label_model(batches, fit, num_classes, prior, label_model_iters, balance_fused != "none", fuse_kwargs)
+
+    if balance_fused != "none":
+        passes = 1 if balance_fused == "mean" else sinkhorn_iters
+        fit.fused_scale = np.ones(num_classes)
+        for _ in range(passes):
+            means, _ = _column_means(batches, lambda ts: [_fused_rows(ts, fuse_kwargs, fit)])
+            if not means:
+                break
+            fit.fused_scale = _scale_step(fit.fused_scale, means[0], prior, floor, fit.notes, "fused label")
+    return fit
+
+
+def _fused_rows(teachers, fuse_kwargs, fit):
+    q = np.asarray(fuse(teachers, fit=fit, **fuse_kwargs).q)
+    return q, np.isfinite(q).all(1)
+
+
+def _fit_label_model(batches, fit: FusionFit, C: int, prior, iters: int, fixed_prior: bool, fuse_kwargs,
+                     soft_final: int = 2) -> None:
+    """Dawid–Skene EM over the corrected p̄ of every teacher (one soft vote each).
+
+    The M-step counts each clip for its most likely class (hard, or classification, EM): with
+    one soft vote per teacher the evidence is weak, and soft EM was seen to flatten every
+    confusion matrix towards uniform within a few iterations (its posterior then forgets the
+    teachers); hard assignments keep the estimated confusions as sharp as the data says. Hard EM
+    over-states the diagonal, so the last ``soft_final`` iterations are soft EM from there."""
+    start = {**fuse_kwargs, "combine": "mean", "weighting": "equal"}
+    posterior = lambda ts: np.asarray(fuse(ts, fit=fit, **start).q)  # noqa: E731  (first E-step)
+    for it in range(iters):
+        hard = it < iters - soft_final
+        joint, prior_sum, T = None, np.zeros(C), 0
+        for ts in batches():
+            post = np.nan_to_num(posterior(ts))
+            if hard:                                                         # (see docstring)
+                post = np.eye(C)[post.argmax(1)] * (post.sum(1, keepdims=True) > 0)
+            pbars, present = corrected_pbars(ts, fit), np.asarray(_present(ts))
+            T = len(ts)
+            joint = joint if joint is not None else [np.zeros((C, C)) for _ in range(T)]
+            for i in range(T):
+                p = np.nan_to_num(np.asarray(pbars[i], dtype=np.float64)) * present[:, i:i + 1]
+                joint[i] += post.T @ p
+            prior_sum += post.sum(0)
+        if joint is None:
+            return
+        confusion = [(j + 0.5) / (j + 0.5).sum(1, keepdims=True) for j in joint]   # Laplace-smoothed rows
+        fit.log_confusion = [np.log(c) for c in confusion]
+        fit.log_prior = np.log(prior if fixed_prior else np.maximum(prior_sum / prior_sum.sum(), 1e-6))
+        posterior = lambda ts: np.asarray(label_model_posterior(  # noqa: E731
+            corrected_pbars(ts, fit), _present(ts), fit.log_confusion, fit.log_prior))

@@ -6,6 +6,7 @@ later run or Tune trial can re-fuse with its own N ≤ N_max, K ≤ K_max, τ, �
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,94 +16,11 @@ import numpy as np
 import pandas as pd
 
 from .config import MiFuseConfig
-from .fusion import STATUS_NAMES, fuse, teacher_stats
-
-NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
+from .fused_labels import (NO_TEACHER_ERROR, TEACHERS, _stack_lists, fit_frames, fit_table,  # noqa: F401
+                           fuse_kwargs, fusion_columns, refused_table, stored_draws, teachers_of)
+from .fusion import teacher_stats
 
 log = logging.getLogger(__name__)
-
-
-# -- fusion over stored draws (pure; used by the map stage, Tune trials and training) ----------
-def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> dict:
-    """Arrays of the first N LALM answers and K MC passes per clip (0 = all stored)."""
-    B = len(df)
-    lv = _stack_lists(df["lalm_votes"], fill=-1)
-    ls = _stack_lists(df["lalm_soft"], fill=np.nan, inner=num_classes)
-    sv = _stack_lists(df["source_votes"], fill=-1)
-    sp = _stack_lists(df["source_probs"], fill=np.nan, inner=num_classes)
-    n = n_answers or lv.shape[1]
-    k = mc_passes or sv.shape[1]
-    return {"lalm_votes": lv[:, :n].reshape(B, -1), "lalm_soft": ls[:, :n].reshape(B, -1, num_classes),
-            "source_votes": sv[:, :k].reshape(B, -1), "source_probs": sp[:, :k].reshape(B, -1, num_classes)}
-
-
-def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
-    rows = [r if (r is not None and hasattr(r, "__len__") and not isinstance(r, str)) else None for r in col]
-    width = max((len(r) for r in rows if r is not None), default=1) or 1
-    shape = (len(rows), width) if inner is None else (len(rows), width, inner)
-    out = np.full(shape, fill, dtype=np.float32 if inner is not None else np.int64)
-    for i, r in enumerate(rows):
-        if r is None or len(r) == 0:
-            continue
-        arr = np.asarray([np.asarray(x, dtype=np.float32) for x in r]) if inner is not None else np.asarray(r)
-        out[i, :len(arr)] = arr
-    return out
-
-
-def fuse_draws(draws: dict, num_classes: int, fusion_cfg, mode: str = "mifuse"):
-    """Teacher statistics and the fused label for stored draws, honouring the baseline modes."""
-    lalm = teacher_stats(draws["lalm_votes"], num_classes, draws["lalm_soft"])
-    source = teacher_stats(draws["source_votes"], num_classes, draws["source_probs"])
-    weighting, fixed = fusion_cfg.weighting, fusion_cfg.fixed_weights
-    if mode == "lalm_only":
-        weighting, fixed = "fixed", [1.0, 0.0]
-    elif mode == "source_only":
-        weighting, fixed = "fixed", [0.0, 1.0]
-    elif mode == "equal_weights":
-        weighting, fixed = "fixed", [0.5, 0.5]
-    result = fuse([lalm, source], uncertainty=fusion_cfg.uncertainty, weighting=weighting, tau=fusion_cfg.tau,
-                  eps=fusion_cfg.eps, fixed_weights=fixed, sharpen_temperature=fusion_cfg.sharpen_temperature,
-                  min_confidence=fusion_cfg.min_confidence)
-    return lalm, source, result
-
-
-def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFrame:
-    """The fusion map stage: per-teacher p̄ and uncertainties, weights, q, argmax, status."""
-    out = df.copy()
-    draws = stored_draws(df, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
-    lalm, source, res = fuse_draws(draws, num_classes, fusion_cfg)
-    for name, t in (("lalm", lalm), ("source", source)):
-        out[f"{name}_n"] = np.asarray(t.n)
-        out[f"{name}_pbar"] = list(np.asarray(t.pbar))
-        out[f"{name}_vote_entropy"] = np.asarray(t.vote_entropy)
-        out[f"{name}_mi"] = np.asarray(t.mi)
-        out[f"{name}_entropy"] = np.asarray(t.entropy)
-        out[f"{name}_pred"] = np.where(np.asarray(t.n) > 0, np.asarray(t.pbar).argmax(1), -1)
-    w = np.asarray(res.weights)
-    out["weight_lalm"], out["weight_source"] = w[:, 0], w[:, 1]
-    q = np.asarray(res.q)
-    out["q"] = list(q)
-    out["clip_weight"] = np.asarray(res.clip_weight)
-    out["fusion_status"] = [STATUS_NAMES[s] for s in np.asarray(res.status)]
-    out["fused_pred"] = np.where(np.isfinite(q).all(1), np.nan_to_num(q).argmax(1), -1)
-    decoded = out["error"].isna()
-    out.loc[decoded & (out["fusion_status"] == "no_teacher"), "error"] = NO_TEACHER_ERROR
-    return out
-
-
-def refuse_stored(table: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFrame:
-    """Stored labels fused again with this run's fusion settings (N, K, τ, uncertainty, weighting).
-
-    Reuse of stored labels ignores the fusion on purpose (a rerun that changes only the fusion
-    pays for no call), so the fusion columns of a reused table must be recomputed, or the run's
-    labels and its ``fused_label`` score would still be those of the earlier settings."""
-    table = table.copy()
-    table.loc[table["error"] == NO_TEACHER_ERROR, "error"] = None
-    return fusion_columns(table, num_classes, fusion_cfg)
-
-
-def _fusion_stage(batch: pd.DataFrame, num_classes: int, fusion_cfg) -> pd.DataFrame:
-    return fusion_columns(batch, num_classes, fusion_cfg)
 
 
 # -- the pipeline -------------------------------------------------------------------------
@@ -113,14 +31,33 @@ class LabelingResult:
     summary: dict
 
 
+@contextlib.contextmanager
+def request_limiter(cfg: MiFuseConfig, clips: pd.DataFrame):
+    """The run's cluster-wide rate limit and spend cap (one Ray actor) over every split it labels:
+    yields (actor name, request cap), ("", 0) when neither is set."""
+    import ray
+    from .lalm.limits import bucket_actor
+    from .lalm.stage import LIMITER_ACTOR
+    max_requests = effective_request_cap(cfg, clips)
+    if not (cfg.lalm.qps > 0 or max_requests):
+        yield "", 0
+        return
+    name = f"{LIMITER_ACTOR}_{os.getpid()}_{time.time_ns()}"
+    actor = bucket_actor(name, cfg.lalm.qps, max_requests)
+    try:
+        yield name, max_requests
+    finally:
+        ray.kill(actor)
+
+
 def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, source_checkpoint: str,
-                 lalm_base_url: str) -> LabelingResult:
-    """Run both teachers and fusion over ``target_df`` with Ray Data; write ``labels.parquet``."""
+                 lalm_base_url: str, limiter: tuple[str, int] | None = None) -> LabelingResult:
+    """Run both teachers and fusion over ``target_df`` with Ray Data; write ``labels.parquet``.
+    ``limiter``: a (name, cap) from ``request_limiter`` shared with other splits of the same run."""
     import ray
     from .data import read_decoded
-    from .lalm.limits import bucket_actor
     from .lalm.client import api_key_from_env
-    from .lalm.stage import LIMITER_ACTOR, add_lalm_stage
+    from .lalm.stage import add_lalm_stage
     from .source_stage import SourceTeacherStage
 
     start = time.time()
@@ -136,18 +73,17 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
         compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
     ds, asked = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
-    max_requests = effective_request_cap(cfg, target_df)
-    limiter_name = ""
-    if cfg.lalm.qps > 0 or max_requests:
-        limiter_name = f"{LIMITER_ACTOR}_{os.getpid()}_{int(start)}"
-        limiter = bucket_actor(limiter_name, cfg.lalm.qps, max_requests)
-    ds = add_lalm_stage(ds, cfg.lalm, cfg.labels, lalm_base_url, cache_dir, cfg.audio.sample_rate, limiter_name,
-                        max_requests, api_key_from_env(cfg.lalm))
-    ds = ds.map_batches(_fusion_stage, batch_format="pandas", fn_kwargs=dict(num_classes=C, fusion_cfg=cfg.fusion),
-                        num_cpus=0.25)
+    with contextlib.ExitStack() as stack:
+        limiter_name, max_requests = limiter or stack.enter_context(request_limiter(cfg, target_df))
+        ds = add_lalm_stage(ds, cfg.lalm, cfg.labels, lalm_base_url, cache_dir, cfg.audio.sample_rate, limiter_name,
+                            max_requests, api_key_from_env(cfg.lalm))
+        # The fusion's class balancing is a statistic of the whole split: the teachers' outputs (draws,
+        # not audio) are materialised, the fit streams over them, then the fusion maps every batch.
+        answered = ds.materialize()          # the LALM stage has dropped the audio
+    fit = fit_frames(lambda: answered.iter_batches(batch_format="pandas", batch_size=8192), C, cfg.fusion)
+    ds = answered.map_batches(fusion_columns, batch_format="pandas", num_cpus=0.25,
+                              fn_kwargs=dict(num_classes=C, fusion_cfg=cfg.fusion, fit=fit))
     table = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
-    if limiter_name:
-        ray.kill(limiter)
     table = _ensure_every_clip(table, target_df)
     labels_path = os.path.join(out_dir, "labels.parquet")
     write_parquet(table, labels_path)
@@ -160,7 +96,8 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
 
 
 def selection_uncertainty(table: pd.DataFrame, num_classes: int) -> np.ndarray:
-    """BALD mutual information of the source model's MC-dropout passes, per clip."""
+    """BALD mutual information of the source model's MC-dropout passes, per clip (only the source
+    stage's columns are needed: the budget step runs before the LALM stage)."""
     votes = _stack_lists(table["source_votes"], fill=-1)
     probs = _stack_lists(table["source_probs"], fill=np.nan, inner=num_classes)
     return np.asarray(teacher_stats(votes, num_classes, probs).mi)
@@ -255,6 +192,15 @@ def summarize(table: pd.DataFrame, labels) -> dict:
         summary["teacher_agreement"] = float((table.loc[both, "lalm_pred"] == table.loc[both, "source_pred"]).mean()) \
             if both.any() else float("nan")
         summary["mean_weight_lalm"] = float(table.loc[ok, "weight_lalm"].mean())
+        # each teacher's and the fused label's class distribution: a teacher's bias at a glance
+        summary["predicted_classes"] = {
+            name: {label: float(v) for label, v in zip(labels, np.bincount(
+                table.loc[ok & (table[f"{name}_pred"] >= 0), f"{name}_pred"].astype(int), minlength=C)
+                / max(int((ok & (table[f"{name}_pred"] >= 0)).sum()), 1))}
+            for name in (*TEACHERS, "fused")}
+        never = [label for label, v in summary["predicted_classes"]["fused"].items() if v == 0]
+        if never:
+            summary["warnings"] = [f"the fused label never predicts {', '.join(never)}"]
         summary["fusion_status"] = {str(k): int(v) for k, v in table.loc[ok, "fusion_status"].value_counts().items()}
     truth_col = "label" if "label" in table and table["label"].notna().any() else "oracle_label"
     if truth_col in table and table[truth_col].notna().any():

@@ -73,6 +73,15 @@ def classification_report(y_true, y_pred, num_classes: int) -> dict:
     }
 
 
+def _bootstrap_confusions(y_true, y_pred, num_classes: int, idx: np.ndarray) -> np.ndarray:
+    """The confusion matrix of each bootstrap resample (rows of ``idx``), from one bincount."""
+    n_boot = len(idx)
+    flat = y_true[idx] * num_classes + y_pred[idx]
+    offsets = np.arange(n_boot)[:, None] * num_classes * num_classes
+    counts = np.bincount((flat + offsets).ravel(), minlength=n_boot * num_classes ** 2)
+    return counts.reshape(n_boot, num_classes, num_classes)
+
+
 def bootstrap_ci(y_true, y_pred, num_classes: int, metric: str = "uar",
                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap over clips for UAR / WA / macro-F1."""
@@ -82,11 +91,22 @@ def bootstrap_ci(y_true, y_pred, num_classes: int, metric: str = "uar",
     n = len(y_true)
     if n == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    flat = y_true[idx] * num_classes + y_pred[idx]
-    offsets = np.arange(n_boot)[:, None] * num_classes * num_classes
-    counts = np.bincount((flat + offsets).ravel(), minlength=n_boot * num_classes ** 2)
-    stats = np.array([fn(c.reshape(num_classes, num_classes)) for c in counts.reshape(n_boot, -1)])
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    stats = np.array([fn(c) for c in _bootstrap_confusions(y_true, y_pred, num_classes, idx)])
     lo, hi = np.nanpercentile(stats, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
+
+
+def paired_uar_difference(y_true, pred_a, pred_b, num_classes: int, n_boot: int = 1000, level: float = 0.95,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """UAR(a) − UAR(b) on the same clips, with a paired percentile bootstrap CI (the same
+    resampled clips for both), so the clip-to-clip noise both share cancels."""
+    y_true, pred_a, pred_b = (np.asarray(v, dtype=np.int64) for v in (y_true, pred_a, pred_b))
+    diff = uar(y_true, pred_a, num_classes) - uar(y_true, pred_b, num_classes)
+    if len(y_true) == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n_boot, len(y_true)))
+    a = np.array([uar_from_confusion(c) for c in _bootstrap_confusions(y_true, pred_a, num_classes, idx)])
+    b = np.array([uar_from_confusion(c) for c in _bootstrap_confusions(y_true, pred_b, num_classes, idx)])
+    lo, hi = np.nanpercentile(a - b, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(diff), float(lo), float(hi)

@@ -9,16 +9,18 @@ import ray
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str = "", logical_cpus: int | None = None) -> None:
+def init_ray(address: str = "", logical_cpus: int | None = None, verbose: bool = True) -> None:
     """Join the given cluster (or $RAY_ADDRESS, as under ``ray job submit``); else start a local one.
 
     A local cluster declares more logical CPUs than cores: on a 2-core machine, actors, Train
-    workers and read tasks asking for whole CPUs would otherwise starve one another.
+    workers and read tasks asking for whole CPUs would otherwise starve one another. Without
+    ``verbose`` the workers' output and Ray Data's progress bars stay off the console (the
+    workers' logs are in the Ray session's log folder, the driver's in the job's ``logs/ray.log``).
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    quiet = dict(log_to_driver=True, logging_level=logging.WARNING, include_dashboard=False)
+    quiet = dict(log_to_driver=verbose, logging_level=logging.WARNING, include_dashboard=False)
     if address:
         quiet.pop("include_dashboard")
         ray.init(address=address, **quiet)
@@ -26,4 +28,4 @@ def init_ray(address: str = "", logical_cpus: int | None = None) -> None:
         cpus = logical_cpus or max(8, 4 * (os.cpu_count() or 1))
         ray.init(address="local", num_cpus=cpus, **quiet)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = verbose

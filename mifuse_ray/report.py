@@ -1,4 +1,5 @@
-"""``report.md``: accuracy table, confusion matrices, MI/weight plots, LALM spend, stage times."""
+"""``report.md``: the verdict first, then accuracy, training curves, the fusion and its diagnostics,
+labelling and spend, stage times. Plots are PNGs beside it."""
 from __future__ import annotations
 
 import os
@@ -7,29 +8,79 @@ import numpy as np
 import pandas as pd
 
 from .config import MiFuseConfig
-from .evaluation import results_table
+from .evaluation import compare, results_table
+
+TEACHERS_AND_LABELS = {"lalm_zero_shot": "the LALM (zero-shot)", "source_only": "the source model",
+                       "fused_label": "the fused label"}
 
 
-def _plot_confusions(results: dict, labels, path: str) -> None:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def final_system(results: dict) -> str | None:
+    """The MI-Fuse run's final model as a row name of the test table (its EMA when it has one)."""
+    sel = results.get("selection", {}).get("mifuse")
+    if not sel:
+        return None
+    name = f"mifuse_{'ema' if sel.get('final model') == 'ema' else 'student'}"
+    return name if name in results.get("test", {}) else None
+
+
+def verdict_lines(results: dict, num_classes: int) -> list[str]:
+    """The student against each teacher, the fused label and the best baseline run: UAR difference
+    with a paired bootstrap CI, and a plain warning where it is below one of them."""
+    final = final_system(results)
+    if final is None:
+        return ["**Verdict:** no labelled test split, so nothing could be compared."]
+    test = results["test"]
+    others = dict(TEACHERS_AND_LABELS)
+    baselines = {k: v for k, v in test.items()
+                 if k.endswith(("_student", "_ema")) and k not in ("mifuse_student", "mifuse_ema")}
+    if baselines:
+        best = max(baselines, key=lambda k: baselines[k]["uar"])
+        others[best] = f"the best baseline run ({best})"
+    rows, below = [], []
+    for name, what in others.items():
+        diff = compare(results, final, name, num_classes)
+        if diff is None:
+            continue
+        d, lo, hi = diff
+        sign = "above" if d > 0 else "below" if d < 0 else "level with"
+        sure = " (the 95% CI excludes 0)" if lo > 0 or hi < 0 else " (within noise: the 95% CI includes 0)"
+        rows.append(f"- {sign} {what}: {d:+.3f} UAR, 95% CI [{lo:+.3f}, {hi:+.3f}]{sure}")
+        if d < 0:
+            below.append(what)
+    lines = [f"**Verdict:** the adapted model (`{final}`, test UAR {test[final]['uar']:.3f}) is", *rows]
+    if below:
+        lines += ["", f"> **Warning:** the student is below {', '.join(below)}. Read 'Fusion' below: each "
+                  "teacher's predicted class distribution shows its bias, and the fused label's dev UAR says how "
+                  "good the labels it learned from were."]
+    return lines
+
+
+def _plot_confusions(results: dict, labels, path: str) -> None:
+    plt = _pyplot()
     items = list(results.get("test", {}).items())
     if not items:
         return
     cols = min(4, len(items))
     rows = int(np.ceil(len(items) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, m) in zip(axes.ravel(), items):
         cm = np.asarray(m["confusion"], dtype=float)
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
         for i in range(len(labels)):
             for j in range(len(labels)):
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7)
         ax.set_title(f"{name}\nUAR {m['uar']:.3f}", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=45)
         ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
     for ax in axes.ravel()[len(items):]:
         ax.axis("off")
     fig.tight_layout()
@@ -37,22 +88,55 @@ def _plot_confusions(results: dict, labels, path: str) -> None:
     plt.close(fig)
 
 
-def plot_uncertainty(table: pd.DataFrame, path: str) -> None:
-    """Histograms of each teacher's uncertainty and of the LALM's fusion weight."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_training(students: dict, path: str) -> bool:
+    """Per epoch: dev UAR of each run's student and EMA, the fused label's dev UAR as a line, and the
+    MI-Fuse run's loss terms."""
+    runs = {name: s for name, s in students.items() if s.history}
+    if not runs:
+        return False
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, (name, s) in enumerate(runs.items()):
+        epochs = [h["epoch"] for h in s.history]
+        left.plot(epochs, [h.get("dev_uar") for h in s.history], color=f"C{i}", label=f"{name} student")
+        if s.ema_dir:
+            left.plot(epochs, [h.get("ema_dev_uar") for h in s.history], color=f"C{i}", ls="--", label=f"{name} EMA")
+    fused = runs.get("mifuse", next(iter(runs.values()))).fused_dev_uar
+    if fused is not None:
+        left.axhline(fused, color="k", ls=":", label="fused label")
+    left.set(xlabel="epoch", ylabel="dev UAR (student's half of dev)", title="dev UAR per epoch")
+    left.legend(fontsize=6)
+    main = runs.get("mifuse", next(iter(runs.values())))
+    for key in sorted(k for k in main.history[0] if k.startswith("train_") and k != "train_loss"):
+        right.plot([h["epoch"] for h in main.history], [h.get(key) for h in main.history], label=key[6:])
+    right.set(xlabel="epoch", title="loss terms (mifuse run)")
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fusion(table: pd.DataFrame, labels, path: str) -> None:
+    """Each teacher's and the fused label's predicted class distribution (bias at a glance), and
+    the LALM's fusion weight and each teacher's uncertainty."""
+    plt = _pyplot()
     ok = table[table["error"].isna()] if "error" in table else table
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    width = 0.27
+    for i, col in enumerate(("lalm_pred", "source_pred", "fused_pred")):
+        pred = ok[col][ok[col] >= 0].astype(int)
+        share = np.bincount(pred, minlength=len(labels)) / max(len(pred), 1)
+        axes[0].bar(np.arange(len(labels)) + (i - 1) * width, share, width, label=col.replace("_pred", ""))
+    axes[0].set_xticks(range(len(labels)), labels, fontsize=7)
+    axes[0].set(title="predicted class share (adaptation split)", ylabel="share of clips")
+    axes[0].legend(fontsize=7)
     for name in ("lalm", "source"):
-        axes[0].hist(ok[f"{name}_vote_entropy"].dropna(), bins=20, alpha=0.6, label=name)
-        axes[1].hist(ok[f"{name}_mi"].dropna(), bins=20, alpha=0.6, label=name)
-    axes[0].set_title("vote entropy (nats)")
-    axes[1].set_title("BALD mutual information (nats)")
+        axes[1].hist(ok[f"{name}_vote_entropy"].dropna(), bins=20, alpha=0.6, label=name)
+    axes[1].set(title="vote entropy (nats)")
+    axes[1].legend(fontsize=7)
     axes[2].hist(ok["weight_lalm"].dropna(), bins=20, color="C2")
-    axes[2].set_title("fusion weight of the LALM")
-    for ax in axes[:2]:
-        ax.legend()
+    axes[2].set(title="fusion weight of the LALM")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -62,56 +146,91 @@ def markdown_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "_none_\n"
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():
         lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, labels_table: pd.DataFrame) -> str:
+def fusion_lines(lab: dict) -> list[str]:
+    fusion = lab.get("fusion") or {}
+    lines = ["## Fusion", "", f"- fusion used: **{fusion.get('chosen', '?')}** — {fusion.get('note', '')}"]
+    if fusion.get("temperatures"):
+        lines.append("- teacher temperatures fitted on dev (LALM, source): "
+                     + ", ".join(f"{t:.2f}" for t in fusion["temperatures"]))
+    for note in fusion.get("fit_notes", []) + lab.get("warnings", []):
+        lines.append(f"- note: {note}")
+    if fusion.get("dev_scores"):
+        rows = [{"fusion": k, "dev UAR": v["uar"], "95% CI": f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+                 "dev clips": v["clips"]} for k, v in fusion["dev_scores"].items()]
+        lines += ["", "Fused-label UAR on the dev half that chose the fusion (the teachers alone and the paper's "
+                  "MI-Fuse for comparison):", "", markdown_table(pd.DataFrame(rows).sort_values("dev UAR",
+                                                                                              ascending=False))]
+    if lab.get("predicted_classes"):
+        share = pd.DataFrame(lab["predicted_classes"]).T
+        lines += ["Predicted class share on the adaptation split (a teacher far from the others is biased):", "",
+                  markdown_table(share.reset_index().rename(columns={"index": "teacher"}))]
+    if "uar_fused" in lab:
+        lines.append(f"UAR on the adaptation split ({lab.get('truth_column')}, diagnostics only): LALM "
+                     f"{lab['uar_lalm']:.3f}, source {lab['uar_source']:.3f}, fused label {lab['uar_fused']:.3f}")
+    return lines + ["", "![fusion diagnostics](fusion.png)", ""]
+
+
+def labelling_lines(lab: dict, spend: dict) -> list[str]:
+    if lab.get("reused"):
+        requests = (f"- labels reused from an earlier run: 0 requests sent now (the earlier run sent "
+                    f"{lab.get('lalm_requests')}, {lab.get('lalm_cache_hits')} answers came from the cache)")
+    else:
+        requests = (f"- LALM requests sent: {lab.get('lalm_requests')}, answers served from cache: "
+                    f"{lab.get('lalm_cache_hits')}")
+    return ["## Labelling (adaptation split)", "",
+            f"- clips: {lab.get('clips')}, labelled: {lab.get('labelled')}, failures: {lab.get('failures')}",
+            requests, budget_line(lab.get("lalm_budget")),
+            f"- estimated cost of asking every clip: ${spend.get('estimated_usd', 0):.2f} for "
+            f"{spend.get('requests')} requests, {spend.get('audio_seconds_sent', 0):.0f} s of audio",
+            f"- teacher agreement: {lab.get('teacher_agreement', float('nan')):.3f}, mean LALM weight: "
+            f"{lab.get('mean_weight_lalm', float('nan')):.3f}, fusion outcomes: {lab.get('fusion_status')}", ""]
+
+
+def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, labels_table: pd.DataFrame,
+                 students: dict | None = None) -> str:
     _plot_confusions(results, cfg.labels, os.path.join(out_dir, "confusion_matrices.png"))
-    plot_uncertainty(labels_table, os.path.join(out_dir, "uncertainty.png"))
+    plot_fusion(labels_table, cfg.labels, os.path.join(out_dir, "fusion.png"))
+    has_curves = plot_training(students or {}, os.path.join(out_dir, "training.png"))
     lab = results.get("labeling", {})
-    spend = results.get("estimated_spend", {})
     table = results_table(results).sort_values("UAR", ascending=False) if results.get("test") else pd.DataFrame()
-    lines = ["# MI-Fuse adaptation report", "",
+    selection = pd.DataFrame(results.get("selection", {})).T.reset_index().rename(columns={"index": "run"}) \
+        if results.get("selection") else pd.DataFrame()
+    lines = ["# MI-Fuse adaptation report", "", *verdict_lines(results, len(cfg.labels)), "",
              f"Target: `{cfg.target or f'demo {cfg.demo.source_domain} → {cfg.demo.target_domain}'}` · "
              f"labels: {', '.join(cfg.labels)} · LALM answers N = {cfg.lalm.n_answers} · MC passes K = "
-             f"{cfg.source.mc_passes} ({cfg.source.mc_scope} scope) · uncertainty `{cfg.fusion.uncertainty}`, "
-             f"τ = {cfg.fusion.tau}", "",
+             f"{cfg.source.mc_passes} ({cfg.source.mc_scope} scope)", "",
              "## Test-split accuracy", "",
-             "Students are chosen on the labelled dev split (never the test split). `source_only` is the source "
-             "model, `lalm_zero_shot` the argmax of the LALM's mean answer, `fused_label` the MI-Fuse soft label "
-             "itself (no training).", "", markdown_table(table),
+             "`source_only` is the source model, `lalm_zero_shot` the argmax of the LALM's mean answer, "
+             "`fused_label` the soft label itself (no training); `<run>_student` / `<run>_ema` the trained models "
+             "(README 'Training modes' says what each run changes).", "", markdown_table(table),
              "![confusion matrices](confusion_matrices.png)", "",
-             "## Model selection (dev split)", "", markdown_table(pd.DataFrame(results.get("selection", {})).T.reset_index()
-                                                            .rename(columns={"index": "run"})
-                                                            if results.get("selection") else pd.DataFrame()),
-             "## Labeling (adaptation split)", "",
-             f"- clips: {lab.get('clips')}, labelled: {lab.get('labelled')}, failures: {lab.get('failures')}",
-             f"- LALM requests sent: {lab.get('lalm_requests')}, answers served from cache: {lab.get('lalm_cache_hits')}"
-             f"{' (labels reused from an earlier run)' if lab.get('reused') else ''}",
-             _budget_line(lab.get("lalm_budget")),
-             f"- estimated cost of asking every clip: ${spend.get('estimated_usd', 0):.2f} for "
-             f"{spend.get('requests')} requests, {spend.get('audio_seconds_sent', 0):.0f} s of audio",
-             f"- teacher agreement: {lab.get('teacher_agreement', float('nan')):.3f}, mean LALM weight: "
-             f"{lab.get('mean_weight_lalm', float('nan')):.3f}, fusion outcomes: {lab.get('fusion_status')}",
-             ]
-    if "uar_fused" in lab:
-        lines.append(f"- UAR on the adaptation split ({lab.get('truth_column')}, diagnostics only): LALM "
-                     f"{lab['uar_lalm']:.3f}, source {lab['uar_source']:.3f}, fused label {lab['uar_fused']:.3f}")
-    lines += ["", "![uncertainty and weights](uncertainty.png)", "", "## Wall time per stage", "",
+             "## Training", "",
+             f"The final model of each run is its EMA teacher when it has one, else its student, at the "
+             f"{'last epoch' if cfg.train.select == 'final' else 'best 3-epoch mean of dev UAR'} "
+             "(train.select); dev UAR is measured on the half of the dev split that did not choose the fusion.",
+             "", markdown_table(selection)]
+    if has_curves:
+        lines += ["![training curves](training.png)", ""]
+    lines += fusion_lines(lab) + labelling_lines(lab, results.get("estimated_spend", {}))
+    lines += ["## Wall time per stage", "",
               markdown_table(pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in times.items()])),
-              "Files: `labels/labels.parquet` (every clip, every draw), `models/<run>/{student,ema}` (checkpoints "
-              "in the source format), `tensorboard/`, `run.json` (config, commit, versions, hashes), `results.json`."]
+              "Files: `labels/labels.parquet` (every clip, every draw), `labels_dev/`, `labels_test/`, "
+              "`models/<run>/{student,ema}` (checkpoints in the source format), `tensorboard/`, `run.json` "
+              "(config, commit, versions, hashes), `results.json`."]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
 
 
-def _budget_line(budget: dict | None) -> str:
-    if not budget:
+def budget_line(budget: dict | None) -> str:
+    if not budget or budget.get("budget", 1.0) == 1.0 or budget.get("clips_asked") == budget.get("clips_decoded"):
         return "- LALM budget: every decoded clip asked"
     return (f"- LALM budget {budget['budget']:g} ({budget['selection']}): {budget['clips_asked']} of "
             f"{budget['clips_decoded']} decoded clips asked, the rest fused from the source teacher alone")

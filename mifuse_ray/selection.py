@@ -1,4 +1,4 @@
-"""Which clips to ask the LALM about when its calls are budgeted (METHOD.md §3).
+"""Which clips to ask the LALM about when its calls are budgeted (docs/method.md §6).
 
 The source model's MC-dropout uncertainty says where a second opinion is worth paying for; the
 embeddings keep the chosen clips spread over the target domain, so the budget is not spent on

@@ -59,7 +59,7 @@ def run_tune(cfg: MiFuseConfig, labels_table, dev_df, source_checkpoint: str, ou
     from ray.tune.schedulers import ASHAScheduler
     space = space or DEFAULT_SPACE
     has_dev = dev_df is not None and len(dev_df) > 0
-    metric = "select_score" if has_dev else "train_agreement"
+    metric = "final_dev_uar" if has_dev else "train_agreement"
     if search_alg == "random":
         searcher = None
     elif search_alg == "optuna":

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-os.environ["RAY_AUTH_MODE"] = "disabled"          # the same for the cluster, drivers and job submission
+# Token authentication on, as Ray 2.59+ starts clusters by default: the session cluster generates
+# the token (~/.ray/auth_token), and drivers, `ray job submit` and the kill tests read it because
+# they inherit RAY_AUTH_MODE=token (a client reads the token file only in this mode).
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 logging.getLogger("ray").setLevel(logging.WARNING)   # Ray Data logs whole stats dicts at DEBUG
@@ -81,3 +84,11 @@ def tiny_hf_dir(tmp_path):
     torch.manual_seed(0)
     Wav2Vec2ForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
     return str(tmp_path / "hf")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the Ray cluster (directly or through a fixture) is `slow`:
+    `pytest -m "not slow"` runs the pure and HTTP tests alone, in well under a minute."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -33,11 +33,15 @@ def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
 def test_adapt_writes_every_artefact(adapt_run):
     out, _, proc = adapt_run
     assert "report:" in proc.stdout
-    for rel in ("report.md", "results.json", "run.json", "labels/labels.parquet", "labels_test/labels.parquet",
-                "confusion_matrices.png", "uncertainty.png", "models/mifuse/student/mifuse_model.json",
-                "models/mifuse/ema/model.safetensors"):
+    for rel in ("report.md", "results.json", "run.json", "labels/labels.parquet", "labels_dev/labels.parquet",
+                "labels_test/labels.parquet", "confusion_matrices.png", "fusion.png", "training.png",
+                "models/mifuse/student/mifuse_model.json", "models/mifuse/ema/model.safetensors"):
         assert os.path.exists(os.path.join(out, rel)), rel
     report = open(os.path.join(out, "report.md")).read()
+    assert report.splitlines()[2].startswith("**Verdict:** the adapted model (`mifuse_ema`")   # the verdict opens it
+    assert "the LALM (zero-shot)" in report and "95% CI" in report
+    results = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert results["labeling"]["fusion"]["chosen"] and "predicted_classes" in results["labeling"]
     for system in ("mifuse_student", "mifuse_ema", "source_only", "lalm_zero_shot", "fused_label"):
         assert system in report
     run = json.load(open(os.path.join(out, "run.json")))
@@ -47,6 +51,16 @@ def test_adapt_writes_every_artefact(adapt_run):
     # the student is a source-format checkpoint: it can seed a later adaptation
     from mifuse_ray.models.base import load_model
     assert load_model(os.path.join(out, "models", "mifuse", "ema")).labels == ["neutral", "happy", "angry", "sad"]
+
+
+def test_console_is_short_and_ends_with_the_summary(adapt_run):
+    """One line per stage, Ray's own logs in a file, and the summary table last."""
+    out, _, proc = adapt_run
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) <= 40, proc.stdout
+    assert lines[-1].startswith("report: ") and any(line.startswith("mifuse_ema") for line in lines[-7:])
+    assert sum("done in" in line for line in lines) >= 5
+    assert os.path.exists(os.path.join(out, "logs", "ray.log"))
 
 
 def test_rerun_reuses_labels_answers_and_checkpoints(adapt_run):
@@ -101,18 +115,22 @@ def test_dry_run_estimates_without_sending(ray_cluster, source_model, demo_root,
     assert est["requests"] == est["clips"] > 0 and est["estimated_usd"] == pytest.approx(0.002 * est["requests"])
 
 
-def test_ray_job_submit(ray_cluster, tmp_path, source_model, demo_root):
-    """jobs/adapt.py under `ray job submit --working-dir .` joins the cluster it is submitted to."""
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    runtime_env = json.dumps({"excludes": [".venv", ".git", "demo_data", "outputs", "*.pyc", ".hypothesis"]})
+def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, tmp_path, source_model, demo_root):
+    """The README's 'Run as a Ray job' recipe is scripts/submit_demo_job.sh, run here as written (on
+    the session's cluster, token auth on, with small settings appended) down to report.md."""
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert "bash scripts/submit_demo_job.sh" in readme
+    out = str(tmp_path / "job")
     proc = subprocess.run(
-        [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/adapt.py",
-         "--target", os.path.join(demo_root, "podcast", "manifest.parquet"), "--source.checkpoint", source_model,
-         "--output", str(tmp_path), "--lalm.dry_run", "true"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "succeeded" in proc.stdout and '"dry_run"' in proc.stdout
+        ["bash", "scripts/submit_demo_job.sh", "--target", os.path.join(demo_root, "podcast", "manifest.parquet"),
+         "--source.checkpoint", source_model, "--output", out, "--lalm.n_answers", "2", "--source.mc_passes", "2",
+         "--train.epochs", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "RAY_DASHBOARD": ray_cluster["dashboard"], "PATH": os.environ.get("PATH", "")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "succeeded" in proc.stdout
+    assert os.path.exists(os.path.join(out, "report.md"))
 
 
 def test_tune_two_trials(adapt_run, source_model, demo_root):
@@ -129,4 +147,4 @@ def test_tune_two_trials(adapt_run, source_model, demo_root):
     table, best = run_tune(cfg, labels, dev, source_model, out, space, num_samples=1, max_concurrent=2)
     assert len(table) == 2 and set(table["config/fusion.lalm_answers"]) == {1, 3}
     assert os.path.exists(os.path.join(out, "tune_results.csv")) and os.path.exists(os.path.join(out, "best_config.json"))
-    assert best.metrics["select_score"] >= 0
+    assert 0 <= best.metrics["final_dev_uar"] <= 1

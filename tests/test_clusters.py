@@ -46,3 +46,15 @@ def test_no_secret_values_in_cluster_files():
     for name in os.listdir(CLUSTERS):
         text = open(os.path.join(CLUSTERS, name)).read()
         assert "sk-" not in text
+
+
+def test_every_cluster_runs_with_token_auth():
+    """The clusters are defined as users get Ray 2.59+: token authentication on, no token in the files."""
+    assert load("rayjob.yaml")["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert load("raycluster.yaml")["spec"]["authOptions"] == {"mode": "token"}
+    aws = load("aws.yaml")
+    assert "~/.ray/auth_token" in aws["file_mounts"]
+    assert all("RAY_AUTH_MODE=token ray start" in " ".join(aws[k]) for k in ("head_start_ray_commands",
+                                                                           "worker_start_ray_commands"))
+    for name in os.listdir(CLUSTERS):
+        assert "RAY_AUTH_MODE=disabled" not in open(os.path.join(CLUSTERS, name)).read()

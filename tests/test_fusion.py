@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mifuse_ray.fusion import (EQUAL_WEIGHTS_SINGLE_DRAW, FUSED, NO_TEACHER, ONLY_FIRST, ONLY_SECOND, draw_labels,
-                               entropy, fuse, teacher_stats)
+from mifuse_ray.fusion import (EQUAL_WEIGHTS_SINGLE_DRAW, FUSED, NO_TEACHER, TEACHER_MISSING, draw_labels, entropy,
+                               fuse, teacher_stats)
 
 
 def direct_mi(soft):
@@ -24,7 +24,7 @@ def test_mi_matches_direct_computation():
 
 
 def test_hand_computed_cases():
-    # 4 of 5 votes agree: H = -(0.8 ln 0.8 + 0.2 ln 0.2) = 0.5004 nats (METHOD.md's example)
+    # 4 of 5 votes agree: H = -(0.8 ln 0.8 + 0.2 ln 0.2) = 0.5004 nats (docs/method.md §2)
     s = teacher_stats(np.array([[1, 1, 1, 1, 0]]), 4)
     assert s.vote_entropy[0] == pytest.approx(0.500402, abs=1e-5)
     np.testing.assert_allclose(s.hist[0], [0.2, 0.8, 0, 0])
@@ -63,13 +63,13 @@ def test_edge_cases_missing_teacher_single_draw_ties():
     lalm = teacher_stats(np.array([[-1, -1, -1], [0, -1, -1], [0, 1, -1], [-1, -1, -1]]), 3)
     src = teacher_stats(np.array([[2, 2], [2, 2], [1, 1], [-1, -1]]), 3)
     r = fuse([lalm, src])
-    assert list(r.status) == [ONLY_SECOND, EQUAL_WEIGHTS_SINGLE_DRAW, FUSED, NO_TEACHER]
+    assert list(r.status) == [TEACHER_MISSING, EQUAL_WEIGHTS_SINGLE_DRAW, FUSED, NO_TEACHER]
     np.testing.assert_allclose(r.q[0], [0, 0, 1])                    # LALM absent: source alone
     np.testing.assert_allclose(r.weights[1], [0.5, 0.5])             # one LALM draw: equal weights
     np.testing.assert_allclose(r.weights[2].sum(), 1.0, atol=1e-6)  # a tie (0/1) still fuses
     assert np.isnan(r.q[3]).all() and r.clip_weight[3] == 0
     r2 = fuse([src, lalm])
-    assert r2.status[0] == ONLY_FIRST
+    assert r2.status[0] == TEACHER_MISSING
 
 
 def test_mi_requires_soft_draws():

@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 import soundfile as sf
 
 from mifuse_ray.audio import AudioConfig, list_inputs
@@ -100,8 +99,12 @@ def test_reused_labels_follow_this_runs_fusion(ray_cluster, source_model, demo_r
     """Stored labels are reused whatever the fusion settings (no answer is paid for twice), but they
     are fused with the settings of the run that reuses them, and the file then holds that fusion."""
     import copy
-    from mifuse_ray.api import label
+    from mifuse_ray.api import Inputs, label_splits
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(12)
+    inputs = Inputs("podcast", source_model, df, None, None)
+
+    def label(cfg, *_):
+        return label_splits(cfg, inputs, out, server.url)[0]["adapt"]
     cfg = MiFuseConfig()
     cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
     cfg.lalm.cache_dir = str(tmp_path / "cache")

@@ -2,11 +2,11 @@
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from mifuse_ray.config import MiFuseConfig
+from mifuse_ray.fusion import OnlineBalance
 from mifuse_ray.train.ema import EMATeacher, decay_from_half_life, ema_decay_at
 from mifuse_ray.train.losses import diversity_kl, information_maximization, soft_label_kl
 
@@ -94,28 +94,67 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     ema = EMATeacher(student, 0.9)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     sched = warmup_cosine(opt, 100, 0.1)
-    step, epoch, history = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched)
+    balances = {"ema": OnlineBalance([0.25] * 4), "fused": OnlineBalance([0.25] * 4),
+                "consistency": OnlineBalance([0.25] * 4)}
+    step, epoch, history = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched, balances)
     assert (step, epoch) == (state["step"], 0)
     assert history == first.history                                  # the metrics so far travel with it
     assert opt.state_dict()["state"][0]["step"].item() == step       # Adam moments restored, not zero
     assert sched.last_epoch == step
+    assert np.allclose(balances["consistency"].mean, state["balances"]["consistency"])   # running means too
+
+
+def fail_once(marker: str, after_epoch: int):
+    """A step hook (the loop's test seam): the last rank dies once, mid-epoch, in the epoch after
+    ``after_epoch``'s checkpoint, once Ray Train has collected that checkpoint's report."""
+    import sys
+    import ray.cloudpickle
+    # the hook runs inside Ray Train workers, which cannot import this test module: pickle it by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    def hook(epoch, batch_no, rank, world):
+        if epoch != after_epoch + 1 or batch_no != 2 or rank != world - 1 or os.path.exists(marker):
+            return
+        _wait_until_reports_are_collected()
+        with open(marker, "w") as fh:
+            fh.write(f"killed at epoch {epoch}, batch {batch_no}\n")
+        os._exit(1)
+    return hook
+
+
+def _wait_until_reports_are_collected(timeout_s: float = 30.0) -> None:
+    """Ray Train's controller collects a worker's reports every couple of seconds; a worker that dies
+    before that loses its last checkpoint report, and the run restarts from the one before. A real
+    failure comes long after the report; the injected one waits for the queue to drain, so the test
+    proves a resume from the checkpoint it just wrote."""
+    import time
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+        queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError):       # another Ray Train version: give the controller time
+        time.sleep(5.0)
+        return
+    deadline = time.time() + timeout_s
+    while not queue.empty() and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_path):
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
     cfg = tiny_cfg(epochs=3, max_failures=2)
-    res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", fail_at_epoch=0)
-    assert os.path.exists(os.path.join(tmp_path, "fail.injected_failure"))  # a worker really died mid-epoch
+    marker = os.path.join(tmp_path, "fail.injected_failure")
+    res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", step_hook=fail_once(marker, 0))
+    assert os.path.exists(marker)                                     # a worker really died mid-epoch
     assert [h["epoch"] for h in res.history] == [0, 1, 2]                 # every epoch's metrics, in order
     assert [h["attempt_start_epoch"] for h in res.history] == [0, 1, 1]   # restarted at epoch 1, from epoch 0's checkpoint
     steps_per_epoch = res.history[1]["step"] - res.history[0]["step"]
     assert res.history[-1]["step"] == 3 * steps_per_epoch           # the step counter was restored too
-    # the logged EMA decay is the one the warm-up applied (18 steps: far below the configured 0.995)
+    # the logged EMA decay is the one the warm-up applied (far below the configured decay on 18 steps)
     assert [h["ema_alpha"] for h in res.history] == pytest.approx(
         [ema_decay_at(h["step"] - 1, cfg.train.ema_decay) for h in res.history])
     assert res.history[-1]["ema_alpha"] < res.history[-1]["ema_alpha_configured"] == cfg.train.ema_decay
-    again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail")
+    again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", step_hook=fail_once(marker, 0))
     assert again.best_metrics == res.best_metrics                   # a rerun reuses the finished run
     clean = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="clean")
     keys = ("step", "train_loss", "dev_uar", "ema_dev_uar")
@@ -140,7 +179,7 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
     last = res.history[-1]
     assert np.isfinite(last["train_distill_kl"]) and last["train_distill_kl"] >= 0
     assert 0 <= last["train_cka"] <= 0.5 + 1e-6                       # 0.5 · (1 − CKA), CKA ∈ [0, 1]
-    assert last["train_loss"] >= last["train_kl"] + last["train_cka"] - 1e-6
+    assert last["train_loss"] >= last["train_anchor"] + last["train_cka"] - 1e-6
     for d in (res.student_dir, res.ema_dir):
         assert "adapter_model.safetensors" in os.listdir(d) and "model.safetensors" not in os.listdir(d)
         assert load_model(d).arch == "hf_lora"

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import aiohttp
-import numpy as np
 
 from ..config import ConfigError, LALMConfig
 from .cache import ResponseCache, cache_key
@@ -243,7 +242,7 @@ class LALMClient:
 
     async def request(self, body: dict) -> tuple[list[dict] | None, str | None, int]:
         """(choices, None, requests sent) or (None, reason, requests sent)."""
-        sent = 0
+        sent, reason = 0, ""
         self.budget.add_needed(1)
         for attempt in range(self.cfg.max_retries + 1):
             if attempt > 0 and not self.budget.try_spend():

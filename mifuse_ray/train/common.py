@@ -107,3 +107,43 @@ def hash_seed(*parts: int) -> int:
     import hashlib
     digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=gen))
+
+
+def strong_augment(wav: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, sample_rate: int,
+                   noise_snr_db=(5.0, 25.0), gain_db: float = 3.0, max_shift: int = 0,
+                   time_masks: int = 2, max_mask_frac: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's view in consistency training: what the channel could change without changing
+    the emotion. Band-limiting (a telephone or codec) or a band-stop (a frequency mask), a room (an
+    exponentially decaying noise impulse response), shift, a little gain, noise, and time masks.
+    Speed and large gains are left out on purpose: pitch, rate and loudness carry the emotion, so
+    a view that moves them may be another emotion. Band and room are drawn per batch, masks per clip."""
+    B, L = wav.shape
+    level = wav.abs().amax(1, keepdim=True)
+    spectrum = torch.fft.rfft(wav, dim=1)
+    freqs = torch.fft.rfftfreq(L, 1.0 / sample_rate)
+    if _uniform(gen, 0, 1) < 0.5:
+        keep = freqs <= _uniform(gen, 3000.0, 7000.0)                  # band-limited channel
+    else:
+        low = _uniform(gen, 300.0, 5000.0)
+        keep = (freqs < low) | (freqs > low + _uniform(gen, 200.0, 1000.0))   # a frequency mask
+    spectrum = spectrum * keep.to(spectrum.dtype)
+    if _uniform(gen, 0, 1) < 0.5:                                      # a room
+        rt60 = _uniform(gen, 0.1, 0.5)
+        n = int(rt60 * sample_rate)
+        t = torch.arange(n) / sample_rate
+        ir = torch.randn(n, generator=gen) * torch.exp(-6.9 * t / rt60) * 0.3
+        ir[0] = 1.0
+        spectrum = spectrum * torch.fft.rfft(ir, n=L)[None, :]
+    wav = torch.fft.irfft(spectrum, n=L, dim=1)
+    wav = wav * level / wav.abs().amax(1, keepdim=True).clamp_min(1e-6)   # the clip's own peak level
+    wav, lengths = augment(wav, lengths, gen, noise_snr_db, gain_db, max_shift)
+    for _ in range(time_masks):
+        width = (torch.rand(B, generator=gen) * max_mask_frac * lengths.float()).long()
+        start = (torch.rand(B, generator=gen) * (lengths - width).clamp_min(1).float()).long()
+        pos = torch.arange(L)[None, :]
+        wav = wav * ~((pos >= start[:, None]) & (pos < (start + width)[:, None]))
+    return wav, lengths

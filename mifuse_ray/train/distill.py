@@ -1,4 +1,4 @@
-"""Distillation losses (METHOD.md §3): logit KL with temperature, and attention-weighted CKA.
+"""Distillation losses (docs/method.md §6): logit KL with temperature, and attention-weighted CKA.
 
 CKA compares representations of different widths without a projection layer. Frames are
 aligned to a common rate first, and CKA is computed over all of a batch's frames together

@@ -1,4 +1,4 @@
-"""The EMA teacher (METHOD.md §2): fp32 shadow weights, warm-up decay, buffers copied."""
+"""The EMA teacher (docs/method.md §4): fp32 shadow weights, warm-up decay, buffers copied."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Student losses (METHOD.md §2) as pure tensor functions."""
+"""Student losses (docs/method.md §4) as pure tensor functions."""
 from __future__ import annotations
 
 import torch

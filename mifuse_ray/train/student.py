@@ -1,7 +1,10 @@
-"""Student adaptation with Ray Train: soft-label KL + diversity, EMA teacher, online re-fusion.
+"""Student adaptation with Ray Train: the fused label as the anchor, consistency with the EMA
+teacher, online re-fusion, checkpoints.
 
-Read top to bottom: ``_student_loop`` is what every DDP worker runs; ``train_student`` is the
-driver that builds the datasets and the ``TorchTrainer`` and returns the chosen model.
+Read top to bottom: ``_student_loop`` is what every DDP worker runs (``_setup``, then per epoch
+``_train_epoch`` over ``_step``, then ``_end_epoch``); ``train_student`` is the driver that builds
+the labels, datasets and the ``TorchTrainer`` and returns the final model. What a baseline
+changes is its row in ``modes.MODES``; the loop reads the row and never compares mode names.
 """
 from __future__ import annotations
 
@@ -12,43 +15,337 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..config import MiFuseConfig
-from ..fusion import fuse, teacher_stats
-from ..labeling import fuse_draws, stored_draws
+from ..config import FusionConfig, MiFuseConfig, result_fields
+from ..fusion import FusionFit, OnlineBalance, draw_labels, fuse, rescale, teacher_stats, temper
+from ..fused_labels import fit_table, fuse_kwargs, fusion_columns
 from ..metrics import uar_from_confusion
-from .common import augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, warmup_cosine
-from .ema import EMATeacher, decay_from_half_life, ema_decay_at
+from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, strong_augment,
+                     warmup_cosine)
 from .distill import distill_terms
+from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_kl
-
+from .modes import MODES, Mode
 
 HISTORY_FILE = "history.json"
 
 
-def _save_checkpoint(directory: str, student, ema: EMATeacher, opt, sched, step: int, epoch: int,
-                     history: list[dict]) -> None:
-    student.save(os.path.join(directory, "student"))
-    ema.model.save(os.path.join(directory, "ema"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch},
+@dataclasses.dataclass
+class LoopInputs:
+    """What the driver hands every worker besides the typed config."""
+
+    cfg: MiFuseConfig
+    mode: Mode
+    source_checkpoint: str
+    n_train: int
+    prior: list
+    fusion: FusionConfig            # how the mode's labels were fused (re-fusion uses the same)
+    fit: FusionFit | None           # ... and their global part (balancing, temperatures, label model)
+    fused_dev_uar: float | None     # the fused label's UAR on the student's dev half: the re-fusion gate
+    tensorboard_dir: str
+    step_hook: Callable | None = None   # tests: called as hook(epoch, batch_no, rank, world) after each step
+
+
+@dataclasses.dataclass
+class _Run:
+    """One worker's training state (built by ``_setup``)."""
+
+    inp: LoopInputs
+    student: Any
+    model: Any                      # the DDP-wrapped student
+    ema: EMATeacher | None
+    opt: Any
+    sched: Any
+    params: list
+    device: Any
+    rank: int
+    world: int
+    step: int
+    start_epoch: int
+    history: list
+    balances: dict                  # OnlineBalance of the EMA teacher and of q, for re-fusion
+    distill_teacher: Any
+    writer: Any
+    train_shard: Any
+    dev_shard: Any
+
+
+# -- the worker loop ----------------------------------------------------------------------
+def _student_loop(config: dict) -> None:
+    run = _setup(config["inputs"])
+    for epoch in range(run.start_epoch, run.inp.cfg.train.epochs):
+        sums = _train_epoch(run, epoch)
+        _end_epoch(run, epoch, sums)
+    if run.writer is not None:
+        run.writer.close()
+
+
+def _setup(inp: LoopInputs) -> _Run:
+    import ray.train
+    import ray.train.torch
+    from ..models.base import load_model
+
+    t = inp.cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed)
+    device = device_for_worker()
+    student = load_model(inp.source_checkpoint)
+    if t.lora_rank > 0:
+        from ..models.lora import apply_lora, trainable_fraction
+        student = apply_lora(student, inp.source_checkpoint, t.lora_rank, t.lora_alpha, list(t.lora_target_modules),
+                             t.lora_dropout)
+        trainable, total = trainable_fraction(student)
+        if rank == 0:
+            print(f"LoRA student: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+    student = student.to(device)
+    steps_per_epoch = max(1, inp.n_train // (t.batch_size * world))
+    alpha = decay_from_half_life(t.ema_half_life_steps, 1) if t.ema_half_life_steps > 0 else t.ema_decay
+    ema = EMATeacher(student, alpha) if inp.mode.ema else None
+    if "classifier" in inp.mode.frozen:         # SHOT keeps the source hypothesis (the last linear layer)
+        last = [m for m in student.head_module().modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = warmup_cosine(opt, steps_per_epoch * t.epochs, t.warmup_frac)
+    balances = _initial_balances(inp)
+    step, start_epoch, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            step, last_epoch, history = _load_checkpoint(d, student, ema, opt, sched, balances)
+        start_epoch = last_epoch + 1
+    if ema is not None:
+        ema.model.to(device)
+    distill_teacher = None
+    if t.distill_kl_weight > 0 or t.cka_weight > 0:
+        distill_teacher = ema.model if t.distill_teacher == "ema" and ema is not None else \
+            load_model(inp.source_checkpoint).to(device).eval().requires_grad_(False)
+    writer = None
+    if rank == 0 and inp.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(inp.tensorboard_dir)
+    return _Run(inp, student, ray.train.torch.prepare_model(student), ema, opt, sched, params, device, rank, world,
+                step, start_epoch, history, balances, distill_teacher, writer,
+                ray.train.get_dataset_shard("train"), _optional_shard("dev"))
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    t = run.inp.cfg.train
+    # Random streams seeded per (seed, rank, epoch): a run resumed from a checkpoint draws the same
+    # crops, augmentations and dropout masks in its remaining epochs as an uninterrupted run.
+    torch.manual_seed(hash_seed(t.seed, run.rank, epoch))
+    rng = np.random.default_rng([t.seed, run.rank, epoch])
+    gen = torch.Generator().manual_seed(hash_seed(t.seed, run.rank, epoch, 1))
+    run.model.train()
+    run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
+    refusing = _refusing(run, epoch)
+    sums: dict = {"n": 0, "refusing": float(refusing)}
+    for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                              local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
+                                              drop_last=run.world > 1):
+        for name, value in _step(run, batch, rng, gen, refusing).items():
+            sums[name] = sums.get(name, 0.0) + value
+        sums["n"] += 1
+        if run.inp.step_hook is not None:
+            run.inp.step_hook(epoch, sums["n"], run.rank, run.world)
+    return sums
+
+
+def _step(run: _Run, batch: dict, rng, gen, refusing: bool) -> dict:
+    """One optimiser step; returns the loss terms for the epoch's averages."""
+    cfg, mode, t, device = run.inp.cfg, run.inp.mode, run.inp.cfg.train, run.device
+    clean, lengths = crop_batch(list(batch["audio"]), int(cfg.audio.train_crop_s * cfg.audio.sample_rate), rng)
+    view, view_len = clean, lengths
+    if mode.consistency:
+        view, view_len = strong_augment(clean, lengths, gen, cfg.audio.sample_rate,
+                                        max_shift=int(t.max_shift_s * cfg.audio.sample_rate))
+    elif t.augment:
+        view, view_len = augment(clean, lengths, gen, t.noise_snr_db, t.gain_db,
+                                 int(t.max_shift_s * cfg.audio.sample_rate), t.speed_range)
+    clean, lengths, view, view_len = clean.to(device), lengths.to(device), view.to(device), view_len.to(device)
+    terms = {}
+    q = torch.tensor(np.asarray(batch["q"]), dtype=torch.float32, device=device)
+    c = torch.tensor(np.asarray(batch["clip_weight"]), dtype=torch.float32, device=device)
+    ema_probs = None            # the EMA teacher's clean-view prediction, when re-fusion has made it
+    if refusing:
+        q, c, weights, ema_probs = _refused_q(run, clean, lengths, batch)
+        terms["weight_lalm"] = float(weights[:, 0].mean())
+    use_amp = t.amp and device.type == "cuda"
+    need_frames = t.cka_weight > 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = run.model(view, view_len, return_frames=need_frames)
+    logits, s_frames, s_mask = out if need_frames else (out, None, None)
+    probs = torch.softmax(logits.float(), -1)
+    if mode.loss == "information_max":
+        anchor = loss = information_maximization(logits)
+    else:
+        anchor = soft_label_kl(q, logits, c)
+        loss = anchor + t.lambda_div * diversity_kl(probs, torch.tensor(run.inp.prior, device=device))
+    terms["anchor"], terms["div"] = float(anchor.detach()), float((loss - anchor).detach())
+    if mode.consistency:
+        cons, kept = _consistency(run, clean, lengths, logits, ema_probs)
+        loss = loss + t.consistency_weight * cons
+        terms["consistency"], terms["consistency_kept"] = float(cons.detach()), kept
+    if run.distill_teacher is not None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            t_logits, t_frames, t_mask = run.distill_teacher(view, view_len, return_frames=True)
+        for name, term in distill_terms(logits, s_frames, s_mask, t_logits, t_frames, t_mask, t.distill_kl_weight,
+                                        t.distill_temperature, t.cka_weight).items():
+            loss = loss + term
+            terms[name] = float(term.detach())
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, t.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.student, run.step)
+    run.step += 1
+    terms["loss"] = float(loss.detach())
+    terms["agreement"] = float((probs.argmax(1) == torch.nan_to_num(q).argmax(1)).float().mean())
+    return terms
+
+
+def _end_epoch(run: _Run, epoch: int, sums: dict) -> None:
+    import ray.train
+    n = max(sums.pop("n"), 1)
+    refusing = bool(sums.pop("refusing"))
+    metrics = {"epoch": epoch, "step": run.step, **{f"train_{k}": v / n for k, v in sums.items()},
+               "dev_uar": _dev_uar(run.student, run), "ema_dev_uar": _dev_uar(run.ema.model, run) if run.ema else None,
+               "refusing": refusing, "attempt_start_epoch": run.start_epoch}
+    if run.ema is not None:
+        # the decay the warm-up actually applied at the epoch's last step, beside the configured α
+        metrics["ema_alpha"] = ema_decay_at(max(run.step - 1, 0), run.ema.alpha)
+        metrics["ema_alpha_configured"] = run.ema.alpha
+    final = "ema_dev_uar" if run.ema is not None else "dev_uar"
+    metrics["final_dev_uar"] = metrics[final]          # the model this run ends with (Tune's metric)
+    recent = [h[final] for h in run.history[-2:]] + [metrics[final]]
+    metrics["smoothed_dev_uar"] = float(np.mean(recent)) if all(v is not None and v == v for v in recent) else None
+    # Ray Train keeps the checkpoints with the highest select_score: the latest ones for select=final
+    metrics["select_score"] = float(epoch) if run.inp.cfg.train.select == "final" else \
+        (metrics["smoothed_dev_uar"] if metrics["smoothed_dev_uar"] is not None else -1.0)
+    metrics["weights_rank_spread"] = weights_rank_spread(run.student)
+    if run.writer is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                run.writer.add_scalar(k, float(v), epoch)
+        run.writer.flush()
+    run.history.append(metrics)
+    if run.rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(tmp, run, epoch)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+# -- the teacher side: consistency and online re-fusion -------------------------------------
+def _consistency(run: _Run, clean, lengths, student_logits, ema_probs=None) -> tuple[torch.Tensor, float]:
+    """KL from the EMA teacher's sharpened, class-balanced prediction on the clean clip to the
+    student's on the strong view, for the clips where that prediction is confident enough.
+    ``ema_probs``: that prediction where re-fusion already computed it (one EMA pass, not two)."""
+    t = run.inp.cfg.train
+    with torch.no_grad():
+        target = ema_probs if ema_probs is not None else torch.softmax(run.ema.model(clean, lengths).float(), -1)
+        run.balances["consistency"].update(target)
+        target = rescale(target, run.balances["consistency"].scale())
+        keep = (target.max(1).values >= t.consistency_threshold).float()
+        target = temper(target, t.consistency_sharpen)
+    return soft_label_kl(target, student_logits, keep), float(keep.mean())
+
+
+def _refusing(run: _Run, epoch: int) -> bool:
+    """Re-fuse from ``refuse_from_epoch``, and (with the gate) only while the EMA's dev UAR at the
+    last epoch is at least the fused label's on the same clips: an EMA that is worse than the
+    labels would only drag them down."""
+    t, inp = run.inp.cfg.train, run.inp
+    if not (inp.mode.refuse and run.ema is not None and epoch >= t.refuse_from_epoch):
+        return False
+    if not t.refuse_gate or inp.fused_dev_uar is None or not run.history:
+        return True
+    last = run.history[-1].get("ema_dev_uar")
+    return last is not None and last >= inp.fused_dev_uar
+
+
+def _refused_q(run: _Run, clean, lengths, batch) -> tuple:
+    """q fused again with the EMA model in the source teacher's place (clean clip, K_EMA MC passes),
+    through the same fusion and fit as the labels; the EMA teacher and q are balanced with running
+    class means instead of the labelling split's."""
+    from ..models.mc import hashed_uniform, mc_seeds
+    from ..models.predict import mc_predict
+    t, device = run.inp.cfg.train, run.device
+    clip_ids = list(batch["clip_id"])
+    seeds = mc_seeds(t.seed + 7919 * run.step, clip_ids, t.ema_mc_passes).to(device)
+    out = mc_predict(run.ema.model, clean, lengths, seeds, scope=t.ema_mc_scope, amp=t.amp)
+    uniforms = hashed_uniform(seeds.reshape(-1), layer=-1, shape=(1,)).reshape(len(clip_ids), -1)
+    C = out.probs.shape[-1]
+    lalm = teacher_stats(torch.as_tensor(np.asarray(batch["lalm_votes"]), device=device), C,
+                         torch.as_tensor(np.asarray(batch["lalm_soft"]), device=device))
+    ema_teacher = teacher_stats(draw_labels(out.probs, uniforms), C, out.probs)
+    fit = run.inp.fit or FusionFit()
+    if fit.teacher_scales is not None:
+        temperature = fit.temperatures[1] if fit.temperatures else 1.0
+        run.balances["ema"].update(temper(ema_teacher.pbar, temperature))
+        fit = dataclasses.replace(fit, teacher_scales=[fit.teacher_scales[0], run.balances["ema"].scale()])
+    res = fuse([lalm, ema_teacher], fit=dataclasses.replace(fit, fused_scale=None), **fuse_kwargs(run.inp.fusion))
+    q = res.q
+    if fit.fused_scale is not None:
+        run.balances["fused"].update(q)
+        q = rescale(q, run.balances["fused"].scale())
+    return q, res.clip_weight, res.weights, out.det_probs
+
+
+def _initial_balances(inp: LoopInputs) -> dict:
+    fit = inp.fit or FusionFit()
+    source_scale = fit.teacher_scales[1] if fit.teacher_scales is not None else None
+    return {"ema": OnlineBalance(inp.prior, source_scale), "fused": OnlineBalance(inp.prior, fit.fused_scale),
+            "consistency": OnlineBalance(inp.prior)}
+
+
+# -- evaluation and checkpoints ---------------------------------------------------------------
+def _optional_shard(name: str):
+    import ray.train
+    try:
+        return ray.train.get_dataset_shard(name)
+    except (KeyError, ValueError):
+        return None
+
+
+def _dev_uar(model, run: _Run) -> float | None:
+    if run.dev_shard is None:
+        return None
+    return uar_from_confusion(evaluate_shard(model, run.dev_shard, run.device, run.student.num_classes))
+
+
+def _save_checkpoint(directory: str, run: _Run, epoch: int) -> None:
+    run.student.save(os.path.join(directory, "student"))
+    if run.ema is not None:
+        run.ema.model.save(os.path.join(directory, "ema"))
+    torch.save({"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step,
+                "epoch": epoch, "balances": {k: b.mean.tolist() for k, b in run.balances.items()}},
                os.path.join(directory, "train_state.pt"))
     # Every epoch's metrics so far travel with the checkpoint: Ray Train's own metrics table only
     # holds the checkpoints it kept, ordered by score, and a resumed attempt starts it afresh.
     with open(os.path.join(directory, HISTORY_FILE), "w") as fh:
-        json.dump(history, fh, default=float)
+        json.dump(run.history, fh, default=float)
 
 
-def _load_checkpoint(directory: str, student, ema: EMATeacher, opt, sched) -> tuple[int, int, list[dict]]:
+def _load_checkpoint(directory: str, student, ema, opt, sched, balances) -> tuple[int, int, list[dict]]:
     from ..models.base import load_model
     student.load_state_dict(load_model(os.path.join(directory, "student")).state_dict())
-    ema.model.load_state_dict(load_model(os.path.join(directory, "ema")).state_dict())
+    if ema is not None:
+        ema.model.load_state_dict(load_model(os.path.join(directory, "ema")).state_dict())
     state = torch.load(os.path.join(directory, "train_state.pt"), weights_only=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    for name, mean in state.get("balances", {}).items():
+        balances[name].mean = np.asarray(mean)
     return int(state["step"]), int(state["epoch"]), _read_history(directory)
 
 
@@ -58,197 +355,6 @@ def _read_history(directory: str) -> list[dict]:
         return []
     with open(path) as fh:
         return json.load(fh)
-
-
-def _ema_refused_q(ema_model, wav, lengths, clip_ids, batch, cfg: dict, step: int, device) -> tuple:
-    """Re-fuse q with the EMA model as the auxiliary teacher (clean clip, K_EMA MC passes)."""
-    from ..models.mc import hashed_uniform, mc_seeds
-    from ..models.predict import mc_predict
-    K = cfg["ema_mc_passes"]
-    seeds = mc_seeds(cfg["seed"] + 7919 * step, clip_ids, K).to(device)
-    out = mc_predict(ema_model, wav, lengths, seeds, scope=cfg["ema_mc_scope"], amp=cfg["amp"])
-    u = hashed_uniform(seeds.reshape(-1), layer=-1, shape=(1,)).reshape(len(clip_ids), K)
-    cdf = out.probs.cumsum(-1)
-    cdf[..., -1] = float("inf")
-    votes = (u.to(device)[..., None] >= cdf).sum(-1)
-    C = out.probs.shape[-1]
-    lalm = teacher_stats(torch.as_tensor(batch["lalm_votes"], device=device), C,
-                         torch.as_tensor(batch["lalm_soft"], device=device))
-    src = teacher_stats(votes, C, out.probs)
-    f = cfg["fusion"]
-    res = fuse([lalm, src], uncertainty=f["uncertainty"], weighting=f["weighting"], tau=f["tau"], eps=f["eps"],
-               fixed_weights=f["fixed_weights"], sharpen_temperature=f["sharpen_temperature"],
-               min_confidence=f["min_confidence"])
-    return res.q, res.clip_weight, res.weights, src
-
-
-def _student_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from ..models.base import load_model
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])
-    device = device_for_worker()
-    mode = config["mode"]
-
-    student = load_model(config["source_checkpoint"])
-    if config["lora_rank"] > 0:
-        from ..models.lora import apply_lora, trainable_fraction
-        student = apply_lora(student, config["source_checkpoint"], config["lora_rank"], config["lora_alpha"],
-                             config["lora_target_modules"], config["lora_dropout"])
-        trainable, total = trainable_fraction(student)
-        if rank == 0:
-            print(f"LoRA student: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
-    student = student.to(device)
-    steps_per_epoch = max(1, config["n_train"] // (config["batch_size"] * world))
-    alpha = decay_from_half_life(config["ema_half_life_epochs"], steps_per_epoch) \
-        if config["ema_half_life_epochs"] > 0 else config["ema_decay"]
-    ema = EMATeacher(student, alpha)
-    if mode == "shot_im":  # SHOT keeps the source hypothesis (the classifier layer) fixed
-        head = student.head_module()
-        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
-        for p in last.parameters():
-            p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = warmup_cosine(opt, steps_per_epoch * config["epochs"], config["warmup_frac"])
-    step, start_epoch, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            step, last_epoch, history = _load_checkpoint(d, student, ema, opt, sched)
-        start_epoch = last_epoch + 1
-    ema.model.to(device)
-    need_frames = config["cka_weight"] > 0
-    distilling = config["distill_kl_weight"] > 0 or need_frames
-    distill_teacher = None
-    if distilling:
-        distill_teacher = ema.model if config["distill_teacher"] == "ema" else \
-            load_model(config["source_checkpoint"]).to(device).eval().requires_grad_(False)
-    model = ray.train.torch.prepare_model(student)
-    use_amp = config["amp"] and device.type == "cuda"
-    prior = torch.tensor(config["prior"], dtype=torch.float32, device=device)
-    writer = None
-    if rank == 0 and config.get("tensorboard_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(config["tensorboard_dir"])
-
-    train_shard = ray.train.get_dataset_shard("train")
-    dev_shard = ray.train.get_dataset_shard("dev")
-    crop = config["crop_len"]
-    for epoch in range(start_epoch, config["epochs"]):
-        # Random streams seeded per (seed, rank, epoch): a run resumed from a checkpoint draws the same
-        # crops, augmentations and dropout masks in its remaining epochs as an uninterrupted run.
-        torch.manual_seed(hash_seed(config["seed"], rank, epoch))
-        rng = np.random.default_rng([config["seed"], rank, epoch])
-        gen = torch.Generator().manual_seed(hash_seed(config["seed"], rank, epoch, 1))
-        model.train()
-        student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and
-                      config["freeze_bn"] else None)
-        refuse = mode == "mifuse" and epoch >= config["refuse_from_epoch"]
-        sums = {"loss": 0.0, "kl": 0.0, "div": 0.0, "weight_lalm": 0.0, "ema_mi": 0.0, "agreement": 0.0, "n": 0}
-        for batch in train_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                              local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + rank,
-                                              drop_last=world > 1):
-            wav, lengths = crop_batch(list(batch["audio"]), crop, rng)
-            clean_wav, clean_len = wav.to(device), lengths.to(device)
-            if config["augment"]:
-                wav, lengths = augment(wav, lengths, gen, config["noise_snr_db"], config["gain_db"],
-                                       config["max_shift"], config["speed_range"])
-            q = torch.tensor(np.asarray(batch["q"]), dtype=torch.float32, device=device)
-            c = torch.tensor(np.asarray(batch["clip_weight"]), dtype=torch.float32, device=device)
-            if refuse:
-                q, c, w, src = _ema_refused_q(ema.model, clean_wav, clean_len, list(batch["clip_id"]), batch,
-                                              config, step, device)
-                sums["weight_lalm"] += float(w[:, 0].mean())
-                sums["ema_mi"] += float(torch.nan_to_num(src.mi).mean())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(wav.to(device), lengths.to(device), return_frames=need_frames)
-            logits, s_frames, s_mask = out if need_frames else (out, None, None)
-            probs = torch.softmax(logits.float(), -1)
-            if mode == "shot_im":
-                kl = information_maximization(logits)
-                loss = kl
-            else:
-                kl = soft_label_kl(q, logits, c)
-                loss = kl + config["lambda_div"] * diversity_kl(probs, prior) if config["lambda_div"] > 0 else kl
-            div = loss - kl
-            if distilling:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    t_logits, t_frames, t_mask = distill_teacher(wav.to(device), lengths.to(device), return_frames=True)
-                terms = distill_terms(logits, s_frames, s_mask, t_logits, t_frames, t_mask,
-                                      config["distill_kl_weight"], config["distill_temperature"], config["cka_weight"])
-                for name, term in terms.items():
-                    loss = loss + term
-                    sums[name] = sums.get(name, 0.0) + float(term.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
-            opt.step()
-            sched.step()
-            ema.update(student, step)
-            step += 1
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float(kl.detach())
-            sums["div"] += float(div.detach())
-            sums["agreement"] += float((probs.argmax(1) == torch.nan_to_num(q).argmax(1)).float().mean())
-            sums["n"] += 1
-            _maybe_inject_failure(config, epoch, sums["n"], rank, world)
-        n = max(sums.pop("n"), 1)
-        cm_student = evaluate_shard(student, dev_shard, device, student.num_classes)
-        cm_ema = evaluate_shard(ema.model, dev_shard, device, student.num_classes)
-        metrics = {"epoch": epoch, "step": step, **{f"train_{k}": v / n for k, v in sums.items()},
-                   "dev_uar": uar_from_confusion(cm_student), "ema_dev_uar": uar_from_confusion(cm_ema),
-                   # the decay the warm-up actually applied at the epoch's last step, not the configured α:
-                   # on a short run α_t = (1+t)/(10+t) stays below α, and the logs should say so
-                   "ema_alpha": ema_decay_at(max(step - 1, 0), alpha), "ema_alpha_configured": alpha,
-                   "refusing": bool(refuse), "attempt_start_epoch": start_epoch}
-        metrics["select_score"] = max(metrics["dev_uar"], metrics["ema_dev_uar"])
-        metrics["weights_rank_spread"] = weights_rank_spread(student)
-        if writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    writer.add_scalar(k, float(v), epoch)
-            writer.flush()
-        history.append(metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(tmp, student, ema, opt, sched, step, epoch, history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
-
-
-def _maybe_inject_failure(config: dict, epoch: int, batches: int, rank: int, world: int) -> None:
-    """Fault injection for tests: the last rank dies once, mid-epoch, after the given epoch's checkpoint."""
-    marker = config.get("fail_marker")
-    if (config.get("fail_at_epoch") is None or epoch != config["fail_at_epoch"] + 1 or batches != 2
-            or rank != world - 1 or not marker or os.path.exists(marker)):
-        return
-    _wait_until_reports_are_collected()
-    with open(marker, "w") as fh:
-        fh.write(f"killed at epoch {epoch}, batch {batches}\n")
-    os._exit(1)
-
-
-def _wait_until_reports_are_collected(timeout_s: float = 30.0) -> None:
-    """Ray Train's controller collects a worker's reports every couple of seconds; a worker that dies
-    before that loses its last checkpoint report, and the run restarts from the one before. A real
-    failure comes long after the report; the injected one waits for the queue to drain, so the test
-    proves a resume from the checkpoint it just wrote."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-        queue = get_train_context().get_result_queue()
-    except (ImportError, AttributeError):       # another Ray Train version: give the controller time
-        time.sleep(5.0)
-        return
-    deadline = time.time() + timeout_s
-    while not queue.empty() and time.time() < deadline:
-        time.sleep(0.2)
 
 
 def weights_rank_spread(model) -> float:
@@ -266,19 +372,33 @@ def weights_rank_spread(model) -> float:
 
 
 # -- driver -----------------------------------------------------------------------------------
-def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig) -> pd.DataFrame:
-    """Rows the student learns from, with q re-fused for this run's N, K, τ, mode."""
+def mode_labels(cfg: MiFuseConfig, labels_table: pd.DataFrame, choice=None) -> tuple[FusionConfig, FusionFit | None]:
+    """The fusion a mode learns from: the dev-chosen one, or its named variant fitted on the split."""
+    from ..fusion import VARIANTS
+    mode = MODES[cfg.train.mode]
+    if mode.labels == "chosen" or mode.labels is None:
+        if choice is None:
+            from ..calibration import choose_fusion
+            choice = choose_fusion(labels_table, None, cfg.fusion, cfg.labels)
+        return choice.config, choice.fit
+    fusion = dataclasses.replace(cfg.fusion, **VARIANTS[mode.labels])
+    return fusion, fit_table(labels_table, len(cfg.labels), fusion)
+
+
+def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: FusionConfig,
+                   fit: FusionFit | None) -> pd.DataFrame:
+    """Rows the student learns from: q fused with the mode's fusion, and the LALM draws for re-fusion."""
+    from ..fused_labels import stored_draws
     C = len(cfg.labels)
     ok = labels_table[labels_table["error"].isna()].reset_index(drop=True)
-    draws = stored_draws(ok, C, cfg.fusion.lalm_answers, cfg.fusion.source_passes)
-    mode = cfg.train.mode if cfg.train.mode in ("lalm_only", "source_only", "equal_weights") else "mifuse"
-    _, _, res = fuse_draws(draws, C, cfg.fusion, mode=mode)
-    q = np.asarray(res.q, dtype=np.float32)
+    fused = fusion_columns(ok, C, fusion, fit)
+    q = np.stack(fused["q"]).astype(np.float32)
     valid = np.isfinite(q).all(1)
+    draws = stored_draws(ok, C, fusion.lalm_answers, fusion.source_passes)
     keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id") if c in ok.columns]
     table = ok.loc[valid, keep].copy()
     table["q"] = list(q[valid])
-    table["clip_weight"] = np.asarray(res.clip_weight, dtype=np.float32)[valid]
+    table["clip_weight"] = fused["clip_weight"].to_numpy(np.float32)[valid]
     table["lalm_votes"] = list(draws["lalm_votes"][valid])
     table["lalm_soft"] = list(draws["lalm_soft"][valid])
     table["error"] = None
@@ -292,48 +412,60 @@ def class_prior(cfg: MiFuseConfig, table: pd.DataFrame) -> list[float]:
     return [1.0 / C] * C
 
 
+def fused_dev_uar(dev_labels: pd.DataFrame | None, dev_df: pd.DataFrame | None, cfg: MiFuseConfig,
+                  fusion: FusionConfig, fit: FusionFit | None) -> float | None:
+    """The fused label's UAR on the student's dev clips (its line in the report's curve)."""
+    from ..metrics import uar
+    if dev_labels is None or dev_df is None or not len(dev_df):
+        return None
+    C = len(cfg.labels)
+    t = dev_labels[dev_labels["error"].isna() & dev_labels["clip_id"].isin(set(dev_df["clip_id"]))]
+    if not len(t):
+        return None
+    pred = fusion_columns(t.reset_index(drop=True), C, fusion, fit)["fused_pred"].to_numpy()
+    y = np.array([cfg.labels.index(v) for v in t["label"]])
+    return uar(y, np.where(pred >= 0, pred, (y + 1) % C), C)
+
+
 @dataclasses.dataclass
 class StudentResult:
-    model_dir: str              # the chosen model (student or EMA at the best epoch)
+    model_dir: str              # the final model (the EMA, or the student of a mode without one)
     chosen: str                 # "student" | "ema"
     student_dir: str
-    ema_dir: str
-    best_metrics: dict
+    ema_dir: str | None
+    best_metrics: dict          # the metrics of the epoch the model comes from
     history: list[dict]
     seconds: float
+    fused_dev_uar: float | None = None
 
 
-def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.DataFrame, source_checkpoint: str,
-                  out_dir: str, run_name: str = "student", fail_at_epoch: int | None = None,
-                  report_to_tune: bool = False) -> StudentResult:
+def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.DataFrame | None, source_checkpoint: str,
+                  out_dir: str, run_name: str = "student", step_hook: Callable | None = None,
+                  report_to_tune: bool = False, choice=None, dev_labels: pd.DataFrame | None = None) -> StudentResult:
+    """Train one mode's student; ``dev_df`` (the student's half of the dev split) only monitors it
+    unless ``train.select = smoothed_dev``."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ..data import decoded_clips, ordered_ingest
 
     start = time.time()
-    t = cfg.train
-    table = training_table(labels_table, cfg)
+    t, mode = cfg.train, MODES[cfg.train.mode]
+    fusion, fit = mode_labels(cfg, labels_table, choice)
+    table = training_table(labels_table, cfg, fusion, fit)
     if table.empty:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
-    datasets = {"train": decoded_clips(table, cfg.audio), "dev": decoded_clips(dev_df, cfg.audio)}
-    loop_cfg = dict(
-        mode=t.mode, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay, warmup_frac=t.warmup_frac,
-        grad_clip=t.grad_clip, lambda_div=t.lambda_div, prior=class_prior(cfg, table), epochs=t.epochs,
-        batch_size=t.batch_size, ema_decay=t.ema_decay, ema_half_life_epochs=t.ema_half_life_epochs,
-        refuse_from_epoch=t.refuse_from_epoch, ema_mc_passes=t.ema_mc_passes, ema_mc_scope=t.ema_mc_scope,
-        amp=t.amp, augment=t.augment, distill_teacher=t.distill_teacher, distill_kl_weight=t.distill_kl_weight,
-        distill_temperature=t.distill_temperature, cka_weight=t.cka_weight, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-        lora_target_modules=list(t.lora_target_modules), noise_snr_db=tuple(t.noise_snr_db), gain_db=t.gain_db,
-        max_shift=int(t.max_shift_s * cfg.audio.sample_rate), speed_range=tuple(t.speed_range),
-        crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(table),
-        source_checkpoint=os.path.abspath(source_checkpoint), fusion=dataclasses.asdict(cfg.fusion),
-        tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
-        fail_at_epoch=fail_at_epoch, freeze_bn=True,
-        fail_marker=os.path.abspath(os.path.join(out_dir, f"{run_name}.injected_failure")) if fail_at_epoch is not None
-        else None)
+    has_dev = dev_df is not None and len(dev_df) > 0
+    datasets = {"train": decoded_clips(table, cfg.audio)}
+    if has_dev:
+        datasets["dev"] = decoded_clips(dev_df, cfg.audio)
+    inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=len(table),
+                        prior=class_prior(cfg, table), fusion=fusion, fit=fit,
+                        fused_dev_uar=fused_dev_uar(dev_labels, dev_df, cfg, fusion, fit),
+                        tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
+                        step_hook=step_hook)
     final_dir = os.path.join(out_dir, "models", run_name)
     storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
-    fingerprint = _fingerprint(loop_cfg, table)
+    fingerprint = _fingerprint(inputs, table, dev_df)
     done = _finished_run(final_dir, fingerprint)
     if done is not None and not report_to_tune:
         return done
@@ -342,7 +474,7 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     _store_fingerprint(storage, run_name, fingerprint)
     # Same name and storage as an interrupted run: Ray Train restores its latest checkpoint.
     trainer = TorchTrainer(
-        _student_loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=ordered_ingest(),
+        _student_loop, train_loop_config={"inputs": inputs}, datasets=datasets, dataset_config=ordered_ingest(),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -359,12 +491,14 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     with best_ckpt.as_directory() as d:
         # Resume state stays behind; the run's full history goes to result.json below.
         shutil.copytree(d, final_dir, ignore=shutil.ignore_patterns("train_state.pt", HISTORY_FILE))
-    chosen = "ema" if best["ema_dev_uar"] > best["dev_uar"] else "student"
+    chosen = "ema" if mode.ema else "student"
     with result.checkpoint.as_directory() as d:            # the latest checkpoint: every epoch's metrics
         history = _read_history(d)
     res = StudentResult(model_dir=os.path.join(final_dir, chosen), chosen=chosen,
-                        student_dir=os.path.join(final_dir, "student"), ema_dir=os.path.join(final_dir, "ema"),
-                        best_metrics=dict(best), history=history, seconds=time.time() - start)
+                        student_dir=os.path.join(final_dir, "student"),
+                        ema_dir=os.path.join(final_dir, "ema") if mode.ema else None,
+                        best_metrics=dict(best), history=history, seconds=time.time() - start,
+                        fused_dev_uar=inputs.fused_dev_uar)
     with open(os.path.join(final_dir, "result.json"), "w") as fh:
         json.dump({"fingerprint": fingerprint, "result": dataclasses.asdict(res)}, fh, default=str)
     return res
@@ -375,10 +509,18 @@ def _tune_callbacks() -> list:
     return [TuneReportCallback()]
 
 
-def _fingerprint(loop_cfg: dict, table: pd.DataFrame) -> str:
-    cfg = {k: v for k, v in loop_cfg.items() if k not in ("tensorboard_dir", "fail_at_epoch", "fail_marker")}
-    payload = json.dumps(cfg, sort_keys=True, default=str) + "".join(table["clip_id"])
-    payload += str(np.round(np.stack(table["q"]), 5).tobytes())
+def _fingerprint(inputs: LoopInputs, table: pd.DataFrame, dev_df: pd.DataFrame | None) -> str:
+    """Everything that changes a student: every result field of the config (train, audio, fusion),
+    the mode's fusion and fit, the source checkpoint, the clips and their labels, the dev clips."""
+    cfg = inputs.cfg
+    fit = dataclasses.asdict(inputs.fit) if inputs.fit is not None else None
+    payload = json.dumps({"train": result_fields(cfg.train), "audio": result_fields(cfg.audio),
+                          "fusion": result_fields(inputs.fusion), "fit": fit, "prior": inputs.prior,
+                          "labels": cfg.labels, "source": inputs.source_checkpoint,
+                          "fused_dev_uar": inputs.fused_dev_uar,
+                          "dev": sorted(dev_df["clip_id"]) if dev_df is not None else None},
+                         sort_keys=True, default=lambda o: np.asarray(o).round(6).tolist())
+    payload += "".join(table["clip_id"]) + str(np.round(np.stack(table["q"]), 5).tobytes())
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -1,0 +1,135 @@
+"""Fusion over stored draws: a labels table in, its fusion columns out.
+
+Pure pandas/numpy around ``fusion.py``: the labelling pipeline's fusion stage, the dev choice
+(``calibration.py``), training (which re-fuses the stored draws for each mode) and the benchmarks
+all fuse through these functions, and none of them needs the Ray Data pipeline to do it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .fusion import STATUS_NAMES, FusionFit, corrected_pbars, fit_fusion, fuse, teacher_stats
+
+NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
+
+
+def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> dict:
+    """Arrays of the first N LALM answers and K MC passes per clip (0 = all stored)."""
+    B = len(df)
+    lv = _stack_lists(df["lalm_votes"], fill=-1)
+    ls = _stack_lists(df["lalm_soft"], fill=np.nan, inner=num_classes)
+    sv = _stack_lists(df["source_votes"], fill=-1)
+    sp = _stack_lists(df["source_probs"], fill=np.nan, inner=num_classes)
+    n = n_answers or lv.shape[1]
+    k = mc_passes or sv.shape[1]
+    return {"lalm_votes": lv[:, :n].reshape(B, -1), "lalm_soft": ls[:, :n].reshape(B, -1, num_classes),
+            "source_votes": sv[:, :k].reshape(B, -1), "source_probs": sp[:, :k].reshape(B, -1, num_classes)}
+
+
+def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
+    rows = [r if (r is not None and hasattr(r, "__len__") and not isinstance(r, str)) else None for r in col]
+    width = max((len(r) for r in rows if r is not None), default=1) or 1
+    shape = (len(rows), width) if inner is None else (len(rows), width, inner)
+    out = np.full(shape, fill, dtype=np.float32 if inner is not None else np.int64)
+    for i, r in enumerate(rows):
+        if r is None or len(r) == 0:
+            continue
+        arr = np.asarray([np.asarray(x, dtype=np.float32) for x in r]) if inner is not None else np.asarray(r)
+        out[i, :len(arr)] = arr
+    return out
+
+
+TEACHERS = ("lalm", "source")            # the order of the teachers in every fusion
+
+
+def teachers_of(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> list:
+    """Both teachers' statistics (LALM first) from a table's stored draws."""
+    draws = stored_draws(df, num_classes, n_answers, mc_passes)
+    return [teacher_stats(draws["lalm_votes"], num_classes, draws["lalm_soft"]),
+            teacher_stats(draws["source_votes"], num_classes, draws["source_probs"])]
+
+
+def fuse_kwargs(fusion_cfg) -> dict:
+    """The per-clip part of a fusion config, as ``fusion.fuse`` takes it. Weights still to be fitted
+    on a dev split (``dev``, resolved by ``calibration.resolve``) are equal until they are."""
+    f = fusion_cfg
+    weighting = "equal" if f.weighting == "dev" else f.weighting
+    return dict(uncertainty=f.uncertainty, weighting=weighting, tau=f.tau, eps=f.eps,
+                fixed_weights=list(f.fixed_weights), sharpen_temperature=f.sharpen_temperature,
+                min_confidence=f.min_confidence, combine=f.combine)
+
+
+def fusion_prior(fusion_cfg, num_classes: int, batches=None):
+    """The class prior balancing aims at: uniform (UAR weighs classes equally), given, or estimated
+    as the mean of the teachers' plain average over the split."""
+    if fusion_cfg.prior == "given":
+        if len(fusion_cfg.prior_values) != num_classes:
+            raise ValueError(f"fusion.prior_values needs {num_classes} values with fusion.prior: given")
+        return np.asarray(fusion_cfg.prior_values, dtype=np.float64)
+    if fusion_cfg.prior == "estimated" and batches is not None:
+        from .fusion import _column_means
+        means, _ = _column_means(batches, lambda ts: [(np.asarray(q), np.isfinite(np.asarray(q)).all(1))
+                                                       for q in [fuse(ts, weighting="equal").q]])
+        if means:
+            return means[0]
+    return np.full(num_classes, 1.0 / num_classes)
+
+
+def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None) -> FusionFit:
+    """The global part of the fusion (balancing, label model) fitted over every decoded clip.
+
+    ``frames()`` yields the split as pandas batches of stored draws, once per pass (a slice of a
+    table in memory, or a materialised Ray Dataset streamed to the driver a batch at a time)."""
+    def batches():
+        for frame in frames():
+            ok = frame[frame["error"].isna()] if "error" in frame else frame
+            if len(ok):
+                yield teachers_of(ok, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
+    prior = fusion_prior(fusion_cfg, num_classes, batches)
+    return fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
+                      balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
+
+
+def fit_table(table: pd.DataFrame, num_classes: int, fusion_cfg, temperatures=None, batch_rows: int = 8192):
+    return fit_frames(lambda: (table.iloc[i:i + batch_rows] for i in range(0, len(table), batch_rows)),
+                      num_classes, fusion_cfg, temperatures)
+
+
+def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:
+    """The fusion map stage: per-teacher p̄ (as fused) and uncertainties, weights, q, argmax, status."""
+    out = df.copy()
+    teachers = teachers_of(df, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
+    res = fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg))
+    for name, t, pbar in zip(TEACHERS, teachers, corrected_pbars(teachers, fit)):
+        out[f"{name}_n"] = np.asarray(t.n)
+        out[f"{name}_pbar"] = list(np.asarray(t.pbar))
+        out[f"{name}_vote_entropy"] = np.asarray(t.vote_entropy)
+        out[f"{name}_mi"] = np.asarray(t.mi)
+        out[f"{name}_entropy"] = np.asarray(t.entropy)
+        out[f"{name}_pred"] = np.where(np.asarray(t.n) > 0, np.asarray(t.pbar).argmax(1), -1)
+        out[f"{name}_corrected_pred"] = np.where(np.asarray(t.n) > 0, np.asarray(pbar).argmax(1), -1)
+    w = np.asarray(res.weights)
+    for i, name in enumerate(TEACHERS):
+        out[f"weight_{name}"] = w[:, i]
+    q = np.asarray(res.q)
+    out["q"] = list(q)
+    out["clip_weight"] = np.asarray(res.clip_weight)
+    out["fusion_status"] = [STATUS_NAMES[s] for s in np.asarray(res.status)]
+    out["fused_pred"] = np.where(np.isfinite(q).all(1), np.nan_to_num(q).argmax(1), -1)
+    decoded = out["error"].isna()
+    out.loc[decoded & (out["fusion_status"] == "no_teacher"), "error"] = NO_TEACHER_ERROR
+    return out
+
+
+def refused_table(table: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:
+    """A stored labels table fused again with other fusion settings (N, K, τ, weighting, balancing).
+
+    Reuse of stored labels ignores the fusion on purpose (a rerun that changes only the fusion
+    pays for no call), so the fusion columns of a reused table must be recomputed, or the run's
+    labels and its ``fused_label`` score would still be those of the earlier settings."""
+    table = table.copy()
+    table.loc[table["error"] == NO_TEACHER_ERROR, "error"] = None
+    if fit is None:
+        fit = fit_table(table, num_classes, fusion_cfg)
+    return fusion_columns(table, num_classes, fusion_cfg, fit)

@@ -1,0 +1,45 @@
+"""Every way a student can be trained, in one table: what each mode learns from and what it keeps.
+
+A baseline differs from the shipped recipe only in the fields of its row; the training loop
+reads the row and never compares mode names. README 'Training modes' prints this table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mode:
+    labels: str | None       # "chosen": the fusion chosen on dev; a fusion variant's name; None: no labels
+    loss: str                # "soft_label": KL(q || p) + diversity; "information_max": SHOT's IM loss
+    ema: bool                # keep an EMA teacher (it is the final model when kept)
+    consistency: bool        # EMA teacher on the clean view → student on a strong view, confidence-masked
+    refuse: bool             # re-fuse q online with the EMA teacher in the source's place
+    frozen: tuple = ()       # parts kept fixed: "classifier" (SHOT keeps the source hypothesis)
+    about: str = ""
+
+
+MODES: dict[str, Mode] = {
+    "mifuse": Mode("chosen", "soft_label", ema=True, consistency=True, refuse=True,
+                   about="the shipped recipe: balanced, dev-chosen fused labels as the anchor, EMA consistency, "
+                         "online re-fusion once the EMA beats the labels on dev"),
+    "mifuse_paper": Mode("mifuse_paper", "soft_label", ema=True, consistency=False, refuse=True,
+                         about="MI-Fuse as the paper describes it: uncertainty-weighted labels, EMA re-fusion"),
+    "lalm_labels": Mode("lalm", "soft_label", ema=False, consistency=False, refuse=False,
+                        about="student on the LALM's own answers (the paper's strongest baseline)"),
+    "source_labels": Mode("source", "soft_label", ema=False, consistency=False, refuse=False,
+                          about="student on the source model's own pseudo-labels"),
+    "equal_weights": Mode("equal", "soft_label", ema=True, consistency=False, refuse=True,
+                          about="the paper's recipe with w = 0.5 instead of uncertainty weights (ablation)"),
+    "no_ema": Mode("chosen", "soft_label", ema=False, consistency=False, refuse=False,
+                   about="the shipped labels, fixed, without any EMA teacher (ablation)"),
+    "shot_im": Mode(None, "information_max", ema=False, consistency=False, refuse=False, frozen=("classifier",),
+                    about="SHOT-IM: entropy minimisation + diversity, classifier frozen, no labels"),
+}
+
+
+def mode_table() -> list[dict]:
+    """The table as rows (for the README and the report)."""
+    return [{"mode": name, "labels": m.labels or "none", "loss": m.loss, "EMA": m.ema,
+             "consistency": m.consistency, "re-fusion": m.refuse, "frozen": ", ".join(m.frozen) or "-",
+             "what": m.about} for name, m in MODES.items()]
