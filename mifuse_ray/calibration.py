@@ -139,6 +139,11 @@ def choose_fusion(adapt: pd.DataFrame, dev: pd.DataFrame | None, fusion_cfg, lab
         cfg, fit = resolve(adapt, half, fusion_cfg if name == "configured" else variant(fusion_cfg, name), labels)
         scores[name], resolved[name] = score_on(half, cfg, fit, labels), (cfg, fit)
     best = max(names, key=lambda n: scores[n]["uar"])
-    note = (f"chosen on {len(half.y)} dev clips (half the dev split) among {', '.join(names)}"
-            f"{'; teacher temperatures fitted there too' if half.temperatures else ''}")
+    chosen_cfg = resolved[best][0]
+    fitted = [f"teacher weights (LALM, source) {chosen_cfg.fixed_weights[0]:.2f}, {chosen_cfg.fixed_weights[1]:.2f}"
+              if fusion_cfg.weighting == "dev" or VARIANTS.get(best, {}).get("weighting") == "dev" else "",
+              "teacher temperatures" if half.temperatures else ""]
+    fitted = " and ".join(f for f in fitted if f)
+    note = (f"chosen among {', '.join(names)} " if len(names) > 1 else "the configured fusion; ") + \
+        (f"{fitted} fitted " if fitted else "scored ") + f"on {len(half.y)} dev clips (half the dev split)"
     return FusionChoice(best, resolved[best][0], resolved[best][1], scores, note)

@@ -139,6 +139,7 @@ class TrainConfig:
     prior: Literal["uniform", "q_mean"] = "uniform"
     ema_decay: float = 0.97             # per optimiser step; see README 'EMA' for when it binds
     ema_half_life_steps: float = 0.0    # > 0 overrides ema_decay: the EMA forgets half in this many steps
+    adapt_norm: bool = False            # re-estimate BatchNorm statistics on the target's clean clips first (AdaBN)
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
@@ -172,14 +173,14 @@ class TrainConfig:
 class SourceTrainConfig:
     """Training the source classifier (jobs/train_source.py)."""
 
+    seed: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = not_a_result(1.0)
+    use_gpu: bool = False
     epochs: int = 25
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    seed: int = 0
 
 
 @dataclass

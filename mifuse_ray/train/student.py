@@ -78,6 +78,8 @@ class _Run:
 # -- the worker loop ----------------------------------------------------------------------
 def _student_loop(config: dict) -> None:
     run = _setup(config["inputs"])
+    if run.start_epoch == 0 and run.inp.cfg.train.adapt_norm:
+        _adapt_norm(run)
     for epoch in range(run.start_epoch, run.inp.cfg.train.epochs):
         sums = _train_epoch(run, epoch)
         _end_epoch(run, epoch, sums)
@@ -133,6 +135,31 @@ def _setup(inp: LoopInputs) -> _Run:
     return _Run(inp, student, ray.train.torch.prepare_model(student), ema, opt, sched, params, device, rank, world,
                 step, start_epoch, history, balances, distill_teacher, writer,
                 ray.train.get_dataset_shard("train"), _optional_shard("dev"))
+
+
+@torch.no_grad()
+def _adapt_norm(run: _Run) -> None:
+    """AdaBN: the source model's BatchNorm statistics describe the source domain; re-estimate them
+    once on the target's clean clips (a cumulative average over one pass) before training, then
+    keep them fixed. The EMA teacher starts from the same statistics (it copies buffers)."""
+    cfg = run.inp.cfg
+    norms = [m for m in run.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    rng = np.random.default_rng([cfg.train.seed, run.rank, 7])
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for batch in run.train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+        wav, lengths = crop_batch(list(batch["audio"]), int(cfg.audio.train_crop_s * cfg.audio.sample_rate), rng)
+        run.student(wav.to(run.device), lengths.to(run.device))
+    for m in norms:
+        m.momentum = 0.1
+        m.eval()
+    if run.ema is not None:
+        for e, s in zip(run.ema.model.buffers(), run.student.buffers()):
+            e.copy_(s)
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict:
