@@ -1,8 +1,8 @@
 """Choosing and calibrating the fusion on the labelled dev split (when there is one).
 
-The dev split is cut in two halves by speaker (by clip where speakers are unknown): the first
-fits each teacher's temperature and picks the fusion among named variants by its fused-label
-UAR, the second is left to choose the student's epoch, so no clip does both (cross-fitting).
+The dev split is cut in two halves by a hash of the clip id: the first fits the teachers' dev
+weights and temperatures and (optionally) picks the fusion among named variants by its
+fused-label UAR; the second is the only one the student run sees, so no clip does both.
 Without a dev split, or without the LALM's answers on it, the configured fusion applies as is,
 and the choice says why.
 """
@@ -17,6 +17,7 @@ import pandas as pd
 from .fusion import VARIANTS, FusionFit, fit_temperatures
 from .fused_labels import fit_table, fusion_columns, teachers_of
 from .metrics import bootstrap_ci, uar
+
 
 def variant(fusion_cfg, name: str):
     """The fusion config with a named variant's fields (N, K, τ and the rest kept)."""
@@ -61,7 +62,8 @@ def balanced_nll(q, y, num_classes: int) -> float:
 
 def fit_dev_weights(adapt: pd.DataFrame, half: pd.DataFrame, y, fusion_cfg, temperatures, labels):
     """weighting 'dev': one global weight per teacher (w, 1 − w), the w ∈ {0.05, …, 0.95} whose
-    fused label has the lowest balanced NLL on the dev clips. Returns the resolved config."""
+    fused label has the lowest balanced NLL on the dev clips. Returns the resolved config and its
+    fit on the adaptation split (computed while choosing; not fitted again)."""
     C = len(labels)
     best = None
     for w in np.round(np.arange(0.05, 1.0, 0.1), 2):
@@ -69,8 +71,8 @@ def fit_dev_weights(adapt: pd.DataFrame, half: pd.DataFrame, y, fusion_cfg, temp
         fit = fit_table(adapt, C, cfg, temperatures)
         score = balanced_nll(np.stack(fusion_columns(half, C, cfg, fit)["q"]), y, C)
         if best is None or score < best[0]:
-            best = (score, cfg)
-    return best[1]
+            best = (score, cfg, fit)
+    return best[1], best[2]
 
 
 def _truth(table: pd.DataFrame, labels) -> np.ndarray:
@@ -110,8 +112,9 @@ def resolve(adapt: pd.DataFrame, half: DevHalf | None, fusion_cfg, labels):
     C = len(labels)
     temperatures = half.temperatures if half is not None and fusion_cfg.calibrate else None
     if fusion_cfg.weighting == "dev":
-        fusion_cfg = fit_dev_weights(adapt, half.table, half.y, fusion_cfg, temperatures, labels) if half \
-            else dataclasses.replace(fusion_cfg, weighting="equal")
+        if half is not None:
+            return fit_dev_weights(adapt, half.table, half.y, fusion_cfg, temperatures, labels)
+        fusion_cfg = dataclasses.replace(fusion_cfg, weighting="equal")
     return fusion_cfg, fit_table(adapt, C, fusion_cfg, temperatures)
 
 
