@@ -16,7 +16,9 @@ EMPTY_AUDIO = np.zeros(0, dtype=np.float32)
 def expand_segments(df: pd.DataFrame, cfg: AudioConfig) -> pd.DataFrame:
     """One row per clip, or per window of a long recording when ``cfg.long_audio == 'split'``.
 
-    Decided from file headers only. Header failures become error rows here already.
+    Decided from file headers only. Header failures become error rows here already. A Ray Data
+    UDF (``read_decoded``): on object storage every probe is a request, so they run in parallel
+    tasks, never one after another in the driver.
     """
     rows = []
     for rec in df.to_dict("records"):
@@ -83,13 +85,40 @@ def _decode_batch(batch: pd.DataFrame, cfg: AudioConfig) -> pd.DataFrame:
     return DecodeAudio(cfg)(batch)
 
 
-def read_decoded(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
-    """A Ray Dataset of decoded clips from a manifest DataFrame (one row per clip or window)."""
+def decode_where(batch: pd.DataFrame, cfg: AudioConfig, column: str) -> pd.DataFrame:
+    """Decode again only the rows whose boolean ``column`` is set (the others get empty audio):
+    after a global step that kept no audio, such as the LALM budget's choice of clips."""
+    batch = batch.copy()
+    chosen = batch[column].to_numpy(bool) & batch["error"].isna().to_numpy()
+    audio = [EMPTY_AUDIO] * len(batch)
+    if chosen.any():
+        decoded = DecodeAudio(cfg)(batch[chosen])
+        for i, wav, err in zip(np.flatnonzero(chosen), decoded["audio"], decoded["error"]):
+            audio[i] = wav
+            if err is not None:        # the file changed since the first pass: say so, keep the row
+                batch.iloc[i, batch.columns.get_loc("error")] = err
+    batch["audio"] = audio
+    return batch
+
+
+MANIFEST_BLOCK_ROWS = 256     # rows per input block: a block's decoded audio stays ~40 MB
+
+
+def manifest_dataset(df: pd.DataFrame, block_rows: int = MANIFEST_BLOCK_ROWS):
+    """The manifest as a Ray Dataset of many small blocks, in manifest order. Only ids, paths and
+    labels leave the driver; probing, segmenting and decoding happen in Ray Data tasks."""
     import ray
-    rows = expand_segments(df, cfg)
-    keep = [c for c in rows.columns if c != "audio"]
-    n_blocks = max(1, min(len(rows) // max(batch_size, 1), 64))
-    ds = ray.data.from_pandas(rows[keep]).repartition(n_blocks)
+    keep = [c for c in df.columns if c != "audio"]
+    chunks = [df.iloc[i:i + block_rows][keep] for i in range(0, len(df), block_rows)] or [df[keep]]
+    return ray.data.from_pandas(chunks)
+
+
+def read_decoded(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
+    """A lazy Ray Dataset of decoded clips from a manifest DataFrame: header probing and long-file
+    segmenting (``expand_segments``) and decoding run in Ray Data tasks, block by block."""
+    block_rows = max(batch_size, min(MANIFEST_BLOCK_ROWS, -(-len(df) // 16)))
+    ds = manifest_dataset(df, block_rows).map_batches(expand_segments, fn_kwargs={"cfg": cfg}, batch_format="pandas",
+                                          batch_size=None, num_cpus=0.25)
     return ds.map_batches(_decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=batch_size,
                           num_cpus=0.5)
 
@@ -114,15 +143,17 @@ def drop_errors(ds):
     return ds.map_batches(_without_errors, batch_format="pandas", num_cpus=0.25)
 
 
-def decoded_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
-    """The clips that decoded, materialised in manifest order (for training and evaluation).
+def streamed_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
+    """The clips that decode, as a lazy Dataset in manifest order (for training and evaluation).
 
-    Ray Data's default is completion order, so a training run would see its blocks, hence its
-    seeded shuffles and batches, in a different order each time and land on a different result
-    at the same seed."""
+    Nothing is materialised: every epoch decodes again in Ray Data tasks that feed the Train
+    shards, so memory stays flat in the number of clips (``benchmarks/scale.py`` measured decoding
+    again against keeping the audio in the object store). Order is preserved because Ray Data's
+    default is completion order: a run would see its blocks, hence its seeded shuffles and
+    batches, in a different order each time and land on a different result at the same seed."""
     ds = drop_errors(read_decoded(df, cfg, batch_size))
     ds.context.execution_options.preserve_order = True
-    return ds.materialize()
+    return ds
 
 
 def ordered_ingest():

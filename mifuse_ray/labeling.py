@@ -64,12 +64,13 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
     os.makedirs(out_dir, exist_ok=True)
     C = len(cfg.labels)
     src = cfg.source
+    everyone = cfg.lalm.budget == 1.0
     ds = read_decoded(target_df, cfg.audio, batch_size=src.batch_size)
     ds = ds.map_batches(
         SourceTeacherStage, batch_format="pandas", batch_size=src.batch_size,
         fn_constructor_kwargs=dict(checkpoint=os.path.abspath(source_checkpoint), mc_passes=src.mc_passes,
                                    scope=src.mc_scope, seed=src.seed, dropout_override=src.dropout_override,
-                                   amp=src.amp, labels=cfg.labels),
+                                   amp=src.amp, labels=cfg.labels, keep_audio=everyone),
         compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
     ds, asked = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
@@ -105,18 +106,21 @@ def selection_uncertainty(table: pd.DataFrame, num_classes: int) -> np.ndarray:
 
 def _select_for_budget(ds, cfg: MiFuseConfig):
     """With ``lalm.budget`` below all decoded clips: a global step between the source and LALM
-    stages that marks the clips to ask (``lalm_asked``). The source stage's output is materialised
-    (decoded audio included; Ray spills it to disk when large) because the choice needs every
-    clip's uncertainty and embedding at once."""
+    stages that marks the clips to ask (``lalm_asked``). The choice needs every clip's uncertainty
+    and embedding at once, so the source stage's outputs are materialised, without the audio
+    (a few kB per clip instead of ~160 kB); the chosen clips are decoded again for the LALM."""
     from .selection import budget_count, select_clips
+    from .data import decode_where
     if cfg.lalm.budget == 1.0:          # every clip: keep the pipeline streaming, no barrier
         return ds, None
-    ds = ds.materialize()
+    ds = ds.materialize()               # the source stage's outputs only: it dropped the audio
     meta = ds.select_columns(["clip_id", "error", "source_votes", "source_probs", "embedding"]).to_pandas()
     decoded = meta[meta["error"].isna()].reset_index(drop=True)
     k = budget_count(cfg.lalm.budget, len(decoded))
     if k >= len(decoded):
-        return ds, None
+        asked_all = ds.map_batches(_ask_every_clip, batch_format="pandas", num_cpus=0.25)
+        return asked_all.map_batches(decode_where, fn_kwargs={"cfg": cfg.audio, "column": "lalm_asked"},
+                                     batch_format="pandas", batch_size=cfg.source.batch_size, num_cpus=0.5), None
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in decoded["embedding"]]) if len(decoded) else np.zeros((0, 1))
     mask = select_clips(selection_uncertainty(decoded, len(cfg.labels)), emb, k, cfg.lalm.budget_selection,
                         seed=cfg.source.seed)
@@ -127,7 +131,13 @@ def _select_for_budget(ds, cfg: MiFuseConfig):
         batch = batch.copy()
         batch["lalm_asked"] = batch["clip_id"].isin(asked)
         return batch
-    return ds.map_batches(mark, batch_format="pandas", num_cpus=0.25), asked
+    ds = ds.map_batches(mark, batch_format="pandas", num_cpus=0.25)
+    return ds.map_batches(decode_where, fn_kwargs={"cfg": cfg.audio, "column": "lalm_asked"}, batch_format="pandas",
+                          batch_size=cfg.source.batch_size, num_cpus=0.5), asked
+
+
+def _ask_every_clip(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.assign(lalm_asked=True)
 
 
 def write_parquet(df: pd.DataFrame, path: str) -> None:

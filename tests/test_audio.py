@@ -104,7 +104,7 @@ def test_crop_or_pad():
 def test_training_clips_come_in_manifest_order(ray_cluster, demo_root):
     """Sixteen decode blocks finish in whatever order the cluster runs them; the clips a training run
     sees are in manifest order all the same, so its seeded shuffles and batches repeat run to run."""
-    from mifuse_ray.data import decoded_clips
+    from mifuse_ray.data import streamed_clips
     df = list_inputs(os.path.join(demo_root, "call_centre", "manifest.parquet"), split="adapt").head(64)
     for _ in range(2):
-        assert list(decoded_clips(df, AudioConfig(), batch_size=4).to_pandas()["clip_id"]) == list(df["clip_id"])
+        assert list(streamed_clips(df, AudioConfig(), batch_size=4).to_pandas()["clip_id"]) == list(df["clip_id"])

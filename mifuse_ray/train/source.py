@@ -79,7 +79,7 @@ def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("t
     """Train on the manifest's ``train`` split, select on ``dev``, write the checkpoint to out_dir."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import decoded_clips, ordered_ingest
+    from ..data import streamed_clips, ordered_ingest
 
     st = cfg.source_train
     start = time.time()
@@ -87,7 +87,7 @@ def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("t
     dev_df = labelled_split(manifest, "dev", cfg.labels)
     if train_df.empty or dev_df.empty:
         raise ValueError(f"{manifest} needs labelled 'train' and 'dev' splits to train a source model")
-    datasets = {"train": decoded_clips(train_df, cfg.audio), "dev": decoded_clips(dev_df, cfg.audio)}
+    datasets = {"train": streamed_clips(train_df, cfg.audio), "dev": streamed_clips(dev_df, cfg.audio)}
     loop_cfg = dict(labels=list(cfg.labels), sample_rate=cfg.audio.sample_rate, seed=st.seed, lr=st.lr,
                     weight_decay=st.weight_decay, epochs=st.epochs, batch_size=st.batch_size,
                     crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(train_df),

@@ -172,13 +172,14 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     run.model.train()
     run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
     refusing = _refusing(run, epoch)
-    sums: dict = {"n": 0, "refusing": float(refusing)}
+    sums: dict = {"n": 0, "refusing": float(refusing), "clips": 0, "started": time.time()}
     for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
                                               drop_last=run.world > 1):
         for name, value in _step(run, batch, rng, gen, refusing).items():
             sums[name] = sums.get(name, 0.0) + value
         sums["n"] += 1
+        sums["clips"] += len(batch["clip_id"])
         if run.inp.step_hook is not None:
             run.inp.step_hook(epoch, sums["n"], run.rank, run.world)
     return sums
@@ -243,7 +244,9 @@ def _end_epoch(run: _Run, epoch: int, sums: dict) -> None:
     import ray.train
     n = max(sums.pop("n"), 1)
     refusing = bool(sums.pop("refusing"))
+    seconds, clips = time.time() - sums.pop("started"), sums.pop("clips")
     metrics = {"epoch": epoch, "step": run.step, **{f"train_{k}": v / n for k, v in sums.items()},
+               "epoch_seconds": seconds, "clips_per_s": clips * run.world / max(seconds, 1e-9),
                "dev_uar": _dev_uar(run.student, run), "ema_dev_uar": _dev_uar(run.ema.model, run) if run.ema else None,
                "refusing": refusing, "attempt_start_epoch": run.start_epoch}
     if run.ema is not None:
@@ -473,7 +476,7 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     unless ``train.select = smoothed_dev``."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import decoded_clips, ordered_ingest
+    from ..data import streamed_clips, ordered_ingest
 
     start = time.time()
     t, mode = cfg.train, MODES[cfg.train.mode]
@@ -482,9 +485,11 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     if table.empty:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
     has_dev = dev_df is not None and len(dev_df) > 0
-    datasets = {"train": decoded_clips(table, cfg.audio)}
+    datasets = {"train": streamed_clips(table, cfg.audio)}
     if has_dev:
-        datasets["dev"] = decoded_clips(dev_df, cfg.audio)
+        datasets["dev"] = streamed_clips(dev_df, cfg.audio)
+    if t.ingest == "materialize":
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=len(table),
                         prior=class_prior(cfg, table), fusion=fusion, fit=fit,
                         fused_dev_uar=fused_dev_uar(dev_labels, dev_df, cfg, fusion, fit),

@@ -1,0 +1,252 @@
+"""Scale: labelling and one student epoch at N = 1k, 10k and 50k clips, with memory, on this machine.
+
+    python benchmarks/scale.py [--sizes 1000 10000 50000] [--work /tmp/mifuse_scale]
+
+Clips: the demo's call_centre adaptation clips written again with a random gain of ±1 dB each
+(cycled, so N clips are N distinct files and N distinct LALM cache keys). Settings, chosen to
+keep the 50k run near an hour on 2 cores: the demo's source CNN, K = 10 MC passes with
+``source.mc_scope head``, 5 LALM answers per clip from the stand-in endpoint's benchmark mode
+(scores from the audio's hash, no feature extraction), a fresh LALM cache per size; the student
+epoch is the default recipe (consistency with the EMA, online re-fusion) with one Train worker,
+its audio streamed (decoded again each epoch, ``train.ingest stream``, the default) and, up to
+10k clips, decoded once into the object store (``materialize``), the natural alternative.
+
+Each (N, stage) cell runs in a fresh local Ray cluster. Memory is sampled every second: the
+driver's RSS and, over the whole cluster, the sum of PSS of this user's Ray processes and the
+driver (shared object-store pages counted once), plus the object store's used bytes.
+The bound column is the source stage's own rate: the same model, K and scope on clips already
+decoded in memory, in one process with both cores, so ``ratio_to_bound`` is the pipeline's
+overhead (decoding, Arrow blocks, the LALM stage, fusion, writing).
+
+Resumable: a cell already in scale.csv is not run again (delete the row to rerun it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "scale", "scale.csv")
+STAGES = ("labeling", "student_epoch", "student_epoch_materialized")
+COLUMNS = ["n_clips", "stage", "clips_per_s", "peak_rss_mb", "driver_peak_rss_mb", "object_store_peak_mb",
+           "seconds", "bound_clips_per_s", "ratio_to_bound", "settings", "machine", "commit"]
+
+
+class MemorySampler:
+    """Peak driver RSS, cluster-wide PSS and object-store use, sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s, self.peaks = interval_s, {"driver": 0.0, "cluster": 0.0, "object_store": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        import psutil
+        me = psutil.Process()
+        self.peaks["driver"] = max(self.peaks["driver"], me.memory_info().rss / 2**20)
+        total = 0.0
+        for proc in psutil.process_iter(["pid", "username", "cmdline"]):
+            try:
+                if proc.info["username"] != me.username():
+                    continue
+                if proc.pid != me.pid and "ray" not in " ".join(proc.info["cmdline"] or []):
+                    continue
+                total += proc.memory_full_info().pss / 2**20
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        self.peaks["cluster"] = max(self.peaks["cluster"], total)
+        self.peaks["object_store"] = max(self.peaks["object_store"], object_store_used_mb())
+
+
+def object_store_used_mb() -> float:
+    import ray
+    try:
+        total = ray.cluster_resources().get("object_store_memory", 0.0)
+        free = ray.available_resources().get("object_store_memory", total)
+        return (total - free) / 2**20
+    except Exception:       # the cluster is starting or stopping
+        return 0.0
+
+
+def make_clips(work: str, n: int) -> pd.DataFrame:
+    """n distinct WAV files from the demo's call_centre adaptation clips (gain ±1 dB), with a manifest."""
+    import soundfile as sf
+    from mifuse_ray.api import demo_paths
+    from mifuse_ray.audio import list_inputs
+    from mifuse_ray.config import MiFuseConfig
+    manifest = os.path.join(work, f"manifest_{n}.parquet")
+    if os.path.exists(manifest):
+        return pd.read_parquet(manifest)
+    target, _ = demo_paths(MiFuseConfig())
+    base = list_inputs(target, split="adapt")
+    rng = np.random.default_rng(0)
+    rows, waves = [], {}
+    for i in range(n):
+        src = base.iloc[i % len(base)]
+        if src["clip_id"] not in waves:
+            waves[src["clip_id"]] = sf.read(src["path"], dtype="float32")
+        wav, sr = waves[src["clip_id"]]
+        path = os.path.join(work, "clips", f"{i // 1000:03d}", f"{i:06d}.wav")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sf.write(path, np.clip(wav * 10 ** (rng.uniform(-1, 1) / 20), -1, 1), sr, subtype="PCM_16")
+        else:
+            rng.uniform()
+        rows.append({"clip_id": f"{i:06d}", "path": path, "label": src["label"], "split": "adapt",
+                     "domain": "call_centre", "speaker_id": src["speaker_id"]})
+    df = pd.DataFrame(rows)
+    df.to_parquet(manifest)
+    return df
+
+
+def bench_config():
+    from mifuse_ray.config import MiFuseConfig
+    cfg = MiFuseConfig()
+    cfg.source.mc_scope = "head"
+    cfg.train.epochs = 1
+    return cfg
+
+
+def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> float:
+    """The source stage's clips/s on clips already decoded in memory (same model, K, scope, batch)."""
+    import torch
+    from mifuse_ray.data import decode_locally
+    from mifuse_ray.source_stage import SourceTeacherStage
+    torch.set_num_threads(os.cpu_count() or 1)
+    decoded = decode_locally(df.head(clips), cfg.audio)
+    stage = SourceTeacherStage(checkpoint, mc_passes=cfg.source.mc_passes, scope=cfg.source.mc_scope,
+                               seed=cfg.source.seed, amp=cfg.source.amp, labels=cfg.labels)
+    bs = cfg.source.batch_size
+    ids, audio = list(decoded["clip_id"]), list(decoded["audio"])
+    stage.predict(ids[:bs], audio[:bs])                                  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(ids), bs):
+        stage.predict(ids[i:i + bs], audio[i:i + bs])
+    return len(ids) / (time.perf_counter() - start)
+
+
+def run_labeling(cfg, df: pd.DataFrame, checkpoint: str, out: str) -> float:
+    from mifuse_ray.labeling import label_target
+    from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out, "lalm_cache")))
+    with BackgroundServer(ServerConfig(labels=tuple(cfg.labels), benchmark=True)) as server:
+        start = time.time()
+        result = label_target(cfg, df, out, checkpoint, server.url)
+        seconds = time.time() - start
+    assert len(result.table) == len(df) and result.table["error"].isna().all(), result.summary.get("failures")
+    return seconds
+
+
+def run_student_epoch(cfg, out: str, checkpoint: str) -> tuple[float, float]:
+    """(epoch seconds inside the Train worker, wall seconds of the whole call)."""
+    from mifuse_ray.train.student import train_student
+    table = pd.read_parquet(os.path.join(out, "labels.parquet"))
+    shutil.rmtree(os.path.join(out, "models"), ignore_errors=True)
+    shutil.rmtree(os.path.join(out, "_ray_train"), ignore_errors=True)
+    start = time.time()
+    res = train_student(cfg, table, None, checkpoint, out, run_name="scale")
+    return res.history[0]["epoch_seconds"], time.time() - start
+
+
+def machine() -> str:
+    return f"{platform.node()} {os.cpu_count()} cores {platform.machine()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE).stdout.strip()
+    except OSError:
+        return ""
+
+
+def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
+    from mifuse_ray.api import demo_paths
+    from mifuse_ray.ray_utils import init_ray
+    import ray
+    cfg = bench_config()
+    df = make_clips(work, n)
+    _, checkpoint = demo_paths(cfg)
+    out = os.path.join(work, f"run_{n}")
+    init_ray("", verbose=False)
+    try:
+        with MemorySampler() as mem:
+            if stage == "labeling":
+                seconds = wall = run_labeling(cfg, df, checkpoint, out)
+            else:
+                ingest = "materialize" if stage == "student_epoch_materialized" else "stream"
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ingest=ingest))
+                seconds, wall = run_student_epoch(cfg, out, checkpoint)
+    finally:
+        ray.shutdown()
+    rate = n / seconds
+    settings = (f"K={cfg.source.mc_passes} scope={cfg.source.mc_scope} N={cfg.lalm.n_answers} stand-in benchmark mode"
+                if stage == "labeling" else f"batch={cfg.train.batch_size} workers={cfg.train.num_workers} "
+                f"mode={cfg.train.mode} ingest={cfg.train.ingest}, wall {wall:.0f} s incl. Train start-up")
+    return {"n_clips": n, "stage": stage, "clips_per_s": round(rate, 2), "peak_rss_mb": round(mem.peaks["cluster"]),
+            "driver_peak_rss_mb": round(mem.peaks["driver"]), "object_store_peak_mb": round(mem.peaks["object_store"]),
+            "seconds": round(seconds, 1), "bound_clips_per_s": round(bound, 2) if bound else None,
+            "ratio_to_bound": round(rate / bound, 3) if bound else None, "settings": settings,
+            "machine": machine(), "commit": commit()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--materialize-up-to", type=int, default=10000,
+                   help="largest N for the decode-once comparison (it holds all audio in the object store)")
+    p.add_argument("--work", default="/tmp/mifuse_scale", help="clips, labels and caches (GBs at 50k)")
+    p.add_argument("--results", default=RESULTS)
+    args = p.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    done = pd.read_csv(args.results) if os.path.exists(args.results) else pd.DataFrame(columns=COLUMNS)
+    bound = None
+    for n in sorted(args.sizes):
+        for stage in args.stages:
+            if ((done["n_clips"] == n) & (done["stage"] == stage)).any():
+                continue
+            if stage == "student_epoch_materialized" and n > args.materialize_up_to:
+                continue
+            if stage == "labeling" and bound is None:
+                from mifuse_ray.api import demo_paths
+                cfg = bench_config()
+                bound = source_bound(demo_paths(cfg)[1], make_clips(args.work, n), cfg)
+            row = run_cell(n, stage, args.work, bound if stage == "labeling" else None)
+            done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+            done.to_csv(args.results, index=False)          # partial results survive an interruption
+            print(f"{n:>6} {stage:<14} {row['clips_per_s']:>8.1f} clips/s  cluster peak {row['peak_rss_mb']} MB  "
+                  f"driver {row['driver_peak_rss_mb']} MB  store {row['object_store_peak_mb']} MB  "
+                  f"{row['seconds']} s", flush=True)
+    print(done[COLUMNS[:8]].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
