@@ -96,7 +96,7 @@ def object_store_used_mb() -> float:
 def make_clips(work: str, n: int) -> pd.DataFrame:
     """n distinct WAV files from the demo's call_centre adaptation clips (gain ±1 dB), with a manifest."""
     import soundfile as sf
-    from mifuse_ray.api import demo_paths
+    from mifuse_ray.inputs import demo_paths
     from mifuse_ray.audio import list_inputs
     from mifuse_ray.config import MiFuseConfig
     manifest = os.path.join(work, f"manifest_{n}.parquet")
@@ -152,7 +152,7 @@ def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> fl
 
 def run_labeling(cfg, df: pd.DataFrame, checkpoint: str, out: str) -> float:
     from mifuse_ray.labeling import label_target
-    from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+    from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
     shutil.rmtree(out, ignore_errors=True)
     cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out, "lalm_cache")))
     with BackgroundServer(ServerConfig(labels=tuple(cfg.labels), benchmark=True)) as server:
@@ -187,7 +187,7 @@ def commit() -> str:
 
 
 def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
-    from mifuse_ray.api import demo_paths
+    from mifuse_ray.inputs import demo_paths
     from mifuse_ray.ray_utils import init_ray
     import ray
     cfg = bench_config()
@@ -200,7 +200,7 @@ def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
             if stage == "labeling":
                 seconds = wall = run_labeling(cfg, df, checkpoint, out)
             else:
-                ingest = "materialize" if stage == "student_epoch_materialized" else "stream"
+                ingest = "materialize" if stage == "student_epoch_materialized" else "stream"   # not auto
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ingest=ingest))
                 seconds, wall = run_student_epoch(cfg, out, checkpoint)
     finally:
@@ -236,7 +236,7 @@ def main() -> None:
             if stage == "student_epoch_materialized" and n > args.materialize_up_to:
                 continue
             if stage == "labeling" and bound is None:
-                from mifuse_ray.api import demo_paths
+                from mifuse_ray.inputs import demo_paths
                 cfg = bench_config()
                 bound = source_bound(demo_paths(cfg)[1], make_clips(args.work, n), cfg)
             row = run_cell(n, stage, args.work, bound if stage == "labeling" else None)

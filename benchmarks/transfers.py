@@ -71,7 +71,7 @@ def cell_config(source, target, seed, out, out_root, scale):
     demo_target = target if target in DOMAINS else next(d for d in DOMAINS if d != source)
     cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=demo_target, scale=scale, root=root)
     if target in HELDOUT_DOMAINS:
-        from mifuse_ray.api import demo_paths
+        from mifuse_ray.inputs import demo_paths
         _, cfg.source.checkpoint = demo_paths(cfg)
         cfg.target = ensure_domain(HELDOUT_DOMAINS[target], root, scale)
     cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20

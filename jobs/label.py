@@ -14,12 +14,10 @@ from mifuse_ray.cli import main, parse_config, parser  # noqa: E402
 def run() -> None:
     import json
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
-    from mifuse_ray.api import check_lalm, check_output_writable, label_splits, lalm_endpoint, resolve_inputs
+    from mifuse_ray.inputs import prepare
     from mifuse_ray.labeling import estimate_spend
-    from mifuse_ray.ray_utils import init_ray
-    check_output_writable(cfg.output)
-    init_ray(cfg.ray_address)
-    inputs = resolve_inputs(cfg)
+    from mifuse_ray.pipeline import check_lalm, label_splits, lalm_endpoint
+    inputs = prepare(cfg)
     spend = estimate_spend(cfg, inputs.labelled_clips())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))

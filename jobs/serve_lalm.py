@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run() -> None:
     import argparse
     import time
-    from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+    from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean otherwise)")
     p.add_argument("--port", type=int, default=8000)

@@ -13,7 +13,7 @@ from mifuse_ray.cli import main, parse_config, parser  # noqa: E402
 def run() -> None:
     import json
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
-    from mifuse_ray.api import check_output_writable
+    from mifuse_ray.inputs import check_output_writable
     from mifuse_ray.config import ConfigError
     from mifuse_ray.ray_utils import init_ray
     from mifuse_ray.train.source import train_source

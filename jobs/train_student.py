@@ -14,16 +14,14 @@ def run() -> None:
     import json
     import pandas as pd
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
-    from mifuse_ray.api import resolve_inputs
     from mifuse_ray.calibration import choose_fusion, dev_halves
     from mifuse_ray.config import ConfigError
-    from mifuse_ray.ray_utils import init_ray
+    from mifuse_ray.inputs import prepare
     from mifuse_ray.train.student import train_student
     labels_path = os.path.join(cfg.output, "labels", "labels.parquet")
     if not os.path.exists(labels_path):
         raise ConfigError(f"{labels_path} not found: run jobs/label.py with the same --output first")
-    init_ray(cfg.ray_address)
-    inputs = resolve_inputs(cfg)
+    inputs = prepare(cfg)
     labels = pd.read_parquet(labels_path)
     dev_path = os.path.join(cfg.output, "labels_dev", "labels.parquet")
     dev_labels = pd.read_parquet(dev_path) if os.path.exists(dev_path) else None

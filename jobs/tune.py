@@ -18,8 +18,8 @@ def run() -> None:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--space", help="YAML {dotted.name: [kind, values]}; kinds: choice, uniform, loguniform, grid")
     cfg, args = parse_config(p)
-    from mifuse_ray.api import check_lalm, check_output_writable, label, lalm_endpoint, resolve_inputs
-    from mifuse_ray.ray_utils import init_ray
+    from mifuse_ray.inputs import prepare
+    from mifuse_ray.pipeline import check_lalm, label, lalm_endpoint
     from mifuse_ray.tune import DEFAULT_SPACE, largest_answers, run_tune
     space = DEFAULT_SPACE
     if args.space:
@@ -28,9 +28,7 @@ def run() -> None:
     # Ask the LALM once, for the largest N any trial will use; likewise K.
     cfg.lalm.n_answers = max(cfg.lalm.n_answers, largest_answers(space, "fusion.lalm_answers", cfg.lalm.n_answers))
     cfg.source.mc_passes = max(cfg.source.mc_passes, largest_answers(space, "fusion.source_passes", cfg.source.mc_passes))
-    check_output_writable(cfg.output)
-    init_ray(cfg.ray_address)
-    inputs = resolve_inputs(cfg)
+    inputs = prepare(cfg)
     with lalm_endpoint(cfg) as url:
         check_lalm(cfg, url)
         labels = label(cfg, inputs.adapt_df, os.path.abspath(cfg.output), inputs.source_checkpoint, url)

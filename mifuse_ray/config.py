@@ -151,8 +151,14 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = not_a_result(1.0)
     # stream: every epoch decodes again in Ray Data tasks (memory flat in the clips); materialize: decode
-    # once into the object store (~160 kB per 2.5-s clip; faster epochs on small targets). Same batches.
-    ingest: Literal["stream", "materialize"] = not_a_result("stream")
+    # once into the object store (~160 kB per 2.5-s clip; faster epochs on small targets); auto: materialize
+    # up to data.MATERIALIZE_MAX_CLIPS clips, stream beyond. The same batches either way.
+    ingest: Literal["auto", "stream", "materialize"] = not_a_result("auto")
+    # where the Train workers go: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = not_a_result("PACK")
+    # Ray Train's checkpoints and resume state: "" is <output>/_ray_train; on a multi-node cluster a
+    # path every node shares (an NFS/EFS mount) or an fsspec URI (s3://bucket/run, gs://...)
+    storage_path: str = not_a_result("")
     use_gpu: bool = False
     amp: bool = True
     max_failures: int = not_a_result(2)

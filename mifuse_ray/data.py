@@ -102,6 +102,10 @@ def decode_where(batch: pd.DataFrame, cfg: AudioConfig, column: str) -> pd.DataF
 
 
 MANIFEST_BLOCK_ROWS = 256     # rows per input block: a block's decoded audio stays ~40 MB
+# One CPU share for every step from the manifest to decoded clips (and dropping error rows): Ray
+# Data fuses map steps only when their resources match, and the fused task read 1,000 clips 5x
+# faster than three separate ones (9.6 s against 1.9 s here).
+DECODE_CPUS = 0.5
 
 
 def manifest_dataset(df: pd.DataFrame, block_rows: int = MANIFEST_BLOCK_ROWS):
@@ -118,9 +122,9 @@ def read_decoded(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
     segmenting (``expand_segments``) and decoding run in Ray Data tasks, block by block."""
     block_rows = max(batch_size, min(MANIFEST_BLOCK_ROWS, -(-len(df) // 16)))
     ds = manifest_dataset(df, block_rows).map_batches(expand_segments, fn_kwargs={"cfg": cfg}, batch_format="pandas",
-                                          batch_size=None, num_cpus=0.25)
+                                                      batch_size=None, num_cpus=DECODE_CPUS)
     return ds.map_batches(_decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=batch_size,
-                          num_cpus=0.5)
+                          num_cpus=DECODE_CPUS)
 
 
 def pad_batch(audio_list, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +144,7 @@ def _without_errors(batch: pd.DataFrame) -> pd.DataFrame:
 
 def drop_errors(ds):
     """Only the clips that decoded (for training; labeling keeps error rows)."""
-    return ds.map_batches(_without_errors, batch_format="pandas", num_cpus=0.25)
+    return ds.map_batches(_without_errors, batch_format="pandas", num_cpus=DECODE_CPUS)   # fuses with decoding
 
 
 def streamed_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
@@ -153,6 +157,19 @@ def streamed_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
     batches, in a different order each time and land on a different result at the same seed."""
     ds = drop_errors(read_decoded(df, cfg, batch_size))
     ds.context.execution_options.preserve_order = True
+    return ds
+
+
+MATERIALIZE_MAX_CLIPS = 5000     # ~0.8 GB of 2.5-s clips at 16 kHz in the object store
+
+
+def training_clips(df: pd.DataFrame, cfg: AudioConfig, ingest: str = "auto", batch_size: int = 32):
+    """The clips for a training or evaluation loop: decoded once into the object store
+    (``materialize``: fastest epochs, memory grows with the clips), or decoded again by every pass
+    (``stream``: memory flat at any size). ``auto`` materialises up to ``MATERIALIZE_MAX_CLIPS``."""
+    ds = streamed_clips(df, cfg, batch_size)
+    if ingest == "materialize" or (ingest == "auto" and len(df) <= MATERIALIZE_MAX_CLIPS):
+        return ds.materialize()
     return ds
 
 

@@ -16,7 +16,7 @@ def score(y_true, y_pred, num_classes: int) -> dict:
 
 def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict:
     """UAR/WA/F1 (+95% bootstrap CI) on the test split for source, LALM, fused labels and students."""
-    from .data import streamed_clips
+    from .data import training_clips
     from .predict import predict_decoded
     C = len(cfg.labels)
     out = {"test": {}, "selection": {}, "predictions": {}, "truth": {}}
@@ -25,7 +25,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
         return out
     test = inputs.test_df
     truth = dict(zip(test["clip_id"], test["label_index"]))
-    decoded = streamed_clips(test, cfg.audio)
+    decoded = training_clips(test, cfg.audio)     # read once per model: small splits stay decoded
     models = {"source_only": inputs.source_checkpoint}
     for name, res in students.items():
         models[f"{name}_student"] = res.student_dir

@@ -88,7 +88,10 @@ def tiny_hf_dir(tmp_path):
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the Ray cluster (directly or through a fixture) is `slow`:
-    `pytest -m "not slow"` runs the pure and HTTP tests alone, in well under a minute."""
+    `pytest -m "not slow"` runs the pure and HTTP tests alone, in well under a minute.
+    Tests that start a cluster of their own (`own_cluster`) run first, before the session cluster
+    exists: two Ray clusters on one machine must never run at once."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)   # stable: the rest keep their order

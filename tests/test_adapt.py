@@ -106,6 +106,37 @@ def test_user_errors_end_in_one_clear_message(ray_cluster, source_model, demo_ro
     assert not (tmp_path / "o" / "lalm_cache").exists()            # nothing was sent
 
 
+def test_every_user_error_is_found_before_the_first_request(ray_cluster, demo_root, tmp_path):
+    """Mistakes that need the inputs or the cluster to see (not only the config) stop the run with
+    one clear error while the endpoint's request counter is still 0: nothing was paid for."""
+    import torch
+    from mifuse_ray.config import MiFuseConfig, apply_overrides
+    from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.pipeline import adapt
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "source")
+    LogMelCNN().save(checkpoint)
+    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    no_dev = str(tmp_path / "no_dev.parquet")
+    full = pd.read_parquet(target)
+    full["path"] = [os.path.join(os.path.dirname(target), p) for p in full["path"]]
+    full[full["split"] != "dev"].to_parquet(no_dev)
+    cases = [({"target": no_dev, "train.select": "smoothed_dev"}, "needs a labelled dev split"),
+             ({"fusion.weighting": "fixed", "fusion.fixed_weights": [1.0]}, "fusion.fixed_weights needs 2"),
+             ({"train.num_workers": 64}, "CPUs, but the cluster has"),
+             ({"output": "s3://bucket/run"}, "is a URI"),
+             ({"labels": ["calm", "joy", "rage", "grief"]}, "trained on labels")]
+    with BackgroundServer(ServerConfig()) as server:
+        for overrides, message in cases:
+            cfg = apply_overrides(MiFuseConfig(), {"target": target, "source.checkpoint": checkpoint,
+                                                   "lalm.base_url": server.url, "output": str(tmp_path / "o"),
+                                                   **overrides})
+            with pytest.raises(ValueError, match=message):
+                adapt(cfg)
+        assert server.stats()["requests"] == 0
+
+
 def test_dry_run_estimates_without_sending(ray_cluster, source_model, demo_root, tmp_path):
     proc = run_job(["--target", os.path.join(demo_root, "podcast", "manifest.parquet"), "--source.checkpoint",
                     source_model, "--output", str(tmp_path), "--lalm.dry_run", "true", "--lalm.usd_per_request",

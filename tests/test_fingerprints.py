@@ -5,7 +5,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from mifuse_ray.api import labeling_fingerprint
+from mifuse_ray.pipeline import labeling_fingerprint
 from mifuse_ray.config import MiFuseConfig
 
 

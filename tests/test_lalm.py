@@ -10,7 +10,7 @@ from mifuse_ray.labels import DEFAULT_LABELS, DEFAULT_SYNONYMS
 from mifuse_ray.lalm.cache import ResponseCache
 from mifuse_ray.lalm.client import LALMAuthError, LALMClient, preflight, resolve
 from mifuse_ray.lalm.parsing import logprob_distribution, parse_answer
-from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 
 SECRET = "sk-test-SECRET-do-not-leak-123"
 

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 
 from conftest import REPO, wait_for
-from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 
 
 def wait_until_unchanged(read, quiet_s, timeout):

@@ -45,7 +45,7 @@ def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
     """A labels.parquet for 48 adaptation clips (real teachers over real HTTP)."""
     from mifuse_ray.audio import list_inputs
     from mifuse_ray.labeling import label_target
-    from mifuse_ray.lalm.server import BackgroundServer, ServerConfig
+    from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
     from mifuse_ray.train.source import labelled_split
     from mifuse_ray.labels import DEFAULT_LABELS
     target = os.path.join(demo_root, "call_centre", "manifest.parquet")

@@ -79,7 +79,7 @@ def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("t
     """Train on the manifest's ``train`` split, select on ``dev``, write the checkpoint to out_dir."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import streamed_clips, ordered_ingest
+    from ..data import ordered_ingest, training_clips
 
     st = cfg.source_train
     start = time.time()
@@ -87,12 +87,12 @@ def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("t
     dev_df = labelled_split(manifest, "dev", cfg.labels)
     if train_df.empty or dev_df.empty:
         raise ValueError(f"{manifest} needs labelled 'train' and 'dev' splits to train a source model")
-    datasets = {"train": streamed_clips(train_df, cfg.audio), "dev": streamed_clips(dev_df, cfg.audio)}
+    datasets = {"train": training_clips(train_df, cfg.audio), "dev": training_clips(dev_df, cfg.audio)}
     loop_cfg = dict(labels=list(cfg.labels), sample_rate=cfg.audio.sample_rate, seed=st.seed, lr=st.lr,
                     weight_decay=st.weight_decay, epochs=st.epochs, batch_size=st.batch_size,
                     crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(train_df),
                     world_size=st.num_workers, trained_on=os.path.abspath(manifest))
-    storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    storage = cfg.train.storage_path or os.path.abspath(os.path.join(out_dir, "_ray_train"))
     trainer = TorchTrainer(
         _source_loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=ordered_ingest(),
         scaling_config=ray.train.ScalingConfig(num_workers=st.num_workers, use_gpu=st.use_gpu,

@@ -476,7 +476,7 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     unless ``train.select = smoothed_dev``."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import streamed_clips, ordered_ingest
+    from ..data import ordered_ingest, training_clips
 
     start = time.time()
     t, mode = cfg.train, MODES[cfg.train.mode]
@@ -485,30 +485,30 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     if table.empty:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
     has_dev = dev_df is not None and len(dev_df) > 0
-    datasets = {"train": streamed_clips(table, cfg.audio)}
+    datasets = {"train": training_clips(table, cfg.audio, t.ingest)}
     if has_dev:
-        datasets["dev"] = streamed_clips(dev_df, cfg.audio)
-    if t.ingest == "materialize":
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        datasets["dev"] = training_clips(dev_df, cfg.audio, t.ingest)
     inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=len(table),
                         prior=class_prior(cfg, table), fusion=fusion, fit=fit,
                         fused_dev_uar=fused_dev_uar(dev_labels, dev_df, cfg, fusion, fit),
                         tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
                         step_hook=step_hook)
     final_dir = os.path.join(out_dir, "models", run_name)
-    storage = os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    storage = t.storage_path or os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    fingerprints = os.path.abspath(os.path.join(out_dir, "_ray_train"))
     fingerprint = _fingerprint(inputs, table, dev_df)
     done = _finished_run(final_dir, fingerprint)
     if done is not None and not report_to_tune:
         return done
-    if _stored_fingerprint(storage, run_name) not in (None, fingerprint):
-        shutil.rmtree(os.path.join(storage, run_name), ignore_errors=True)   # other settings: start afresh
-    _store_fingerprint(storage, run_name, fingerprint)
+    if _stored_fingerprint(fingerprints, run_name) not in (None, fingerprint):
+        remove_tree(f"{storage.rstrip('/')}/{run_name}")              # other settings: start afresh
+    _store_fingerprint(fingerprints, run_name, fingerprint)
     # Same name and storage as an interrupted run: Ray Train restores its latest checkpoint.
     trainer = TorchTrainer(
         _student_loop, train_loop_config={"inputs": inputs}, datasets=datasets, dataset_config=ordered_ingest(),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker},
+                                               placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
             storage_path=storage, name=run_name,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -566,6 +566,17 @@ def _finished_run(final_dir: str, fingerprint: str) -> StudentResult | None:
     if stored.get("fingerprint") != fingerprint:
         return None
     return StudentResult(**stored["result"])
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder on local disk or under an fsspec URI (s3://, gs://); a missing one is fine."""
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+        fs, root = fsspec.core.url_to_fs(path)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        return
+    shutil.rmtree(path.removeprefix("file://"), ignore_errors=True)
 
 
 def _fingerprint_path(storage: str, run_name: str) -> str:

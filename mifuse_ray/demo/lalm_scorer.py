@@ -92,7 +92,7 @@ def scores(wav: np.ndarray, labels, weights: dict | None = None) -> np.ndarray:
 
 def pretraining_domains(count: int = 16, seed: int = 9001):
     """A family of random domains, disjoint in seed from the demo domains, for fitting the scorer."""
-    from ..demo.domains import DomainConfig
+    from .domains import DomainConfig
     rng = np.random.default_rng(seed)
     domains = []
     for i in range(count):
@@ -112,7 +112,7 @@ def fit(out_path: str = WEIGHTS_PATH, work_dir: str = "/tmp/mifuse_standin_pretr
     import pandas as pd
     import torch
     from ..audio import AudioConfig, load_audio
-    from ..demo.domains import generate_domain
+    from .domains import generate_domain
     from ..labels import DEFAULT_LABELS
     feats, ys = [], []
     for dom in pretraining_domains():

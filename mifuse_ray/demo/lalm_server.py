@@ -2,7 +2,7 @@
 
 ``POST /v1/chat/completions`` with an ``input_audio`` content part (base64 WAV) returns an
 emotion label sampled at the request's temperature from the stand-in scorer
-(``standin.py``), ``n`` choices, and token logprobs when asked. It exists so that the demo
+(``lalm_scorer.py``), ``n`` choices, and token logprobs when asked. It exists so that the demo
 and the tests drive the real client over real HTTP; point the jobs at a real endpoint with
 ``--lalm.base_url``. Faults (429 with Retry-After, 500, hangs, malformed bodies, answers that
 are not a label), latency and a rate limit are configurable for tests and benchmarks.
@@ -90,7 +90,7 @@ class StandinLALM:
         else:
             import soundfile as sf
             from ..audio import resample
-            from .standin import scores
+            from .lalm_scorer import scores
             wav, sr = sf.read(io.BytesIO(base64.b64decode(audio_b64)), dtype="float32", always_2d=True)
             p = scores(resample(wav.mean(1), sr, 16000), self.cfg.labels)
         self.score_cache[key] = p

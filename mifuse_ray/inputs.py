@@ -1,0 +1,146 @@
+"""What a run starts from, resolved and checked before anything is paid for.
+
+``prepare(cfg)`` is the one setup every job and notebook shares: the output is writable, Ray is
+up, the inputs are found (the demo's are made when none are given), and every mistake a user can
+make in the config or the inputs is reported now, in one line, before the first LALM request.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import pandas as pd
+
+from .audio import list_inputs
+from .config import ConfigError, MiFuseConfig
+
+log = logging.getLogger("mifuse_ray")
+
+
+@dataclasses.dataclass
+class Inputs:
+    target: str
+    source_checkpoint: str
+    adapt_df: pd.DataFrame
+    dev_df: pd.DataFrame | None
+    test_df: pd.DataFrame | None
+
+    def splits(self) -> dict[str, pd.DataFrame]:
+        """Every split the teachers label: the adaptation split, and the dev and test splits that exist."""
+        frames = {"adapt": self.adapt_df, "dev": self.dev_df, "test": self.test_df}
+        return {split: df for split, df in frames.items() if df is not None and len(df)}
+
+    def labelled_clips(self) -> pd.DataFrame:
+        """The clips of every split at once: what the LALM will be asked about (spend, dry run)."""
+        return pd.concat(list(self.splits().values()), ignore_index=True)
+
+
+def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
+    """Create the demo domains and source model if missing; return (target manifest, source checkpoint)."""
+    from .demo.domains import DOMAINS, ensure_domain
+    from .train.source import train_source
+    root = os.path.abspath(cfg.demo.root)
+    for name in (cfg.demo.source_domain, cfg.demo.target_domain):
+        if name not in DOMAINS:
+            raise ConfigError(f"demo domain {name!r} unknown; choose from {sorted(DOMAINS)}")
+    source_manifest = ensure_domain(cfg.demo.source_domain, root, cfg.demo.scale)
+    target_manifest = ensure_domain(cfg.demo.target_domain, root, cfg.demo.scale)
+    model_root = os.path.join(root, "source_models", f"{cfg.demo.source_domain}_x{cfg.demo.scale:g}")
+    if not os.path.exists(os.path.join(model_root, "model", "mifuse_model.json")):
+        log.info("training the demo source model on %s", cfg.demo.source_domain)
+        train_source(cfg, source_manifest, model_root)
+    return target_manifest, os.path.join(model_root, "model")
+
+
+def resolve_inputs(cfg: MiFuseConfig) -> Inputs:
+    """The target's splits and the source checkpoint, with the checkpoint's labels checked."""
+    from .labels import check_same_labels
+    from .models.base import read_meta
+    from .train.source import labelled_split
+    if cfg.target:
+        target, checkpoint = cfg.target, cfg.source.checkpoint
+        if not checkpoint:
+            raise ConfigError("source.checkpoint is required with a user target (the demo trains its own)")
+    else:
+        target, checkpoint = demo_paths(cfg)
+        checkpoint = cfg.source.checkpoint or checkpoint
+    try:
+        meta = read_meta(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc}; set source.checkpoint to a model directory written by train_source.py "
+                          "or a transformers audio-classification directory") from None
+    if "labels" in meta:
+        check_same_labels(meta["labels"], cfg.labels)
+    try:
+        adapt_df = list_inputs(target, split=cfg.adapt_split if target.endswith(".parquet") else None)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    if adapt_df.empty:
+        raise ConfigError(f"no clips in {target} (split {cfg.adapt_split!r})")
+    dev_df = test_df = None
+    if target.endswith(".parquet"):
+        full = pd.read_parquet(target, columns=None)
+        if "split" in full.columns and "label" in full.columns:
+            if (full["split"] == cfg.dev_split).any():
+                dev_df = labelled_split(target, cfg.dev_split, cfg.labels)
+            if (full["split"] == cfg.test_split).any():
+                test_df = labelled_split(target, cfg.test_split, cfg.labels)
+    return Inputs(target, checkpoint, adapt_df, dev_df, test_df)
+
+
+def check_output_writable(path: str) -> None:
+    if "://" in path and not path.startswith("file://"):
+        raise ConfigError(f"output {path} is a URI; give a path (on a cluster, one every node mounts). "
+                          "URIs work for target, lalm.cache_dir and train.storage_path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"output {path} is not writable ({exc.strerror}); choose another `output`") from None
+
+
+def check_run(cfg: MiFuseConfig, inputs: Inputs) -> None:
+    """The mistakes that need the inputs or the cluster to see, found before the first request."""
+    from .fused_labels import TEACHERS
+    if inputs.dev_df is None and cfg.train.select == "smoothed_dev":
+        raise ConfigError("train.select smoothed_dev needs a labelled dev split (dev_split); "
+                          "use train.select final, which needs none")
+    if cfg.fusion.weighting == "fixed" and len(cfg.fusion.fixed_weights) != len(TEACHERS):
+        raise ConfigError(f"fusion.fixed_weights needs {len(TEACHERS)} weights ({', '.join(TEACHERS)}) "
+                          f"with fusion.weighting fixed; got {len(cfg.fusion.fixed_weights)}")
+    _check_cluster_fits(cfg)
+
+
+def _check_cluster_fits(cfg: MiFuseConfig) -> None:
+    """Train workers the cluster cannot place would wait forever, after the labels were paid for."""
+    import ray
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    for name, t in (("train", cfg.train), ("source_train", cfg.source_train)):
+        need = t.num_workers * t.cpus_per_worker
+        if need > total.get("CPU", 0) and not _autoscaling():
+            raise ConfigError(f"{name}.num_workers × {name}.cpus_per_worker = {need:g} CPUs, but the cluster has "
+                              f"{total.get('CPU', 0):g}; lower them (fractions are fine)")
+        if t.use_gpu and t.num_workers > total.get("GPU", 0) and not _autoscaling():
+            raise ConfigError(f"{name}.use_gpu needs {t.num_workers} GPUs, but the cluster has "
+                              f"{total.get('GPU', 0):g}; set {name}.use_gpu false or add GPU nodes")
+
+
+def _autoscaling() -> bool:
+    """An autoscaling cluster (KubeRay, the cluster launcher) can add the nodes a request needs."""
+    return os.environ.get("RAY_AUTOSCALER", "") == "1" or bool(os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
+
+
+def prepare(cfg: MiFuseConfig, verbose: bool = True) -> Inputs:
+    """The shared setup of every entry point: output writable, Ray up, inputs resolved and checked."""
+    from .ray_utils import init_ray
+    check_output_writable(cfg.output)
+    init_ray(cfg.ray_address, verbose=verbose)
+    inputs = resolve_inputs(cfg)
+    check_run(cfg, inputs)
+    return inputs
