@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 
 def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, seed: int) -> tuple[float, int]:
-    from mifuse_ray.labeling import refused_table, selection_uncertainty
+    from mifuse_ray.labeling import fused_again, selection_uncertainty
     from mifuse_ray.metrics import uar
     from mifuse_ray.selection import budget_count, select_clips
     C = len(cfg.labels)
@@ -34,7 +34,7 @@ def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, se
     n = max(len(v) for v in t.lalm_votes)
     t["lalm_votes"] = [list(v) if a else [-1] * n for v, a in zip(t.lalm_votes, asked)]
     t["lalm_soft"] = [list(s) if a else [[np.nan] * C] * n for s, a in zip(t.lalm_soft, asked)]
-    fused = refused_table(t, C, cfg.fusion)       # the shipped fusion, its balancing fitted on these clips
+    fused = fused_again(t, C, cfg.fusion)       # the shipped fusion, its balancing fitted on these clips
     y = np.array([list(cfg.labels).index(v) for v in fused.oracle_label])
     return uar(y, fused.fused_pred.to_numpy(), C), int(asked.sum())
 

@@ -57,7 +57,7 @@ def body(b64, model="mifuse-standin-lalm"):
 
 def run_sequential(url, wavs):
     from mifuse_ray.config import LALMConfig
-    from mifuse_ray.labels import DEFAULT_LABELS
+    from mifuse_ray.label_set import DEFAULT_LABELS
     from mifuse_ray.lalm.client import LALMClient, resolve
 
     async def go():
@@ -98,7 +98,7 @@ def run_mifuse_stage(url, wavs, concurrency, batch, batches_in_flight):
     import ray
     import soundfile as sf
     from mifuse_ray.config import LALMConfig
-    from mifuse_ray.labels import DEFAULT_LABELS
+    from mifuse_ray.label_set import DEFAULT_LABELS
     from mifuse_ray.lalm.stage import add_lalm_stage
     audio = [sf.read(io.BytesIO(w), dtype="float32")[0] for w in wavs]
     df = pd.DataFrame({"clip_id": [str(i) for i in range(len(wavs))], "audio": audio, "error": [None] * len(wavs)})

@@ -38,7 +38,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     from mifuse_ray.models.mc import mc_seeds
-    from mifuse_ray.models.predict import mc_predict
+    from mifuse_ray.models.mc import mc_predict
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model = build(args.model, tmp).to(device).eval()

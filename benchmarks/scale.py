@@ -136,7 +136,7 @@ def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> fl
     """The source stage's clips/s on clips already decoded in memory (same model, K, scope, batch)."""
     import torch
     from mifuse_ray.data import decode_locally
-    from mifuse_ray.source_stage import SourceTeacherStage
+    from mifuse_ray.source_teacher import SourceTeacherStage
     torch.set_num_threads(os.cpu_count() or 1)
     decoded = decode_locally(df.head(clips), cfg.audio)
     stage = SourceTeacherStage(checkpoint, mc_passes=cfg.source.mc_passes, scope=cfg.source.mc_scope,

@@ -27,7 +27,7 @@ MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
 # Each ablation is a list of runs; a run is one (key, value) or a tuple of them changed together.
 ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balance_fused", "none"))],
              "consistency": [("train.consistency_weight", 0.0)],
-             "refusion": [("train.refuse_from_epoch", 1000)],
+             "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers", v) for v in (1, 3, 5, 10)],

@@ -19,7 +19,7 @@ def run() -> None:
     p.add_argument("--space", help="YAML {dotted.name: [kind, values]}; kinds: choice, uniform, loguniform, grid")
     cfg, args = parse_config(p)
     from mifuse_ray.inputs import prepare
-    from mifuse_ray.pipeline import check_lalm, label, lalm_endpoint
+    from mifuse_ray.pipeline import check_lalm, label_or_reuse, lalm_endpoint
     from mifuse_ray.tune import DEFAULT_SPACE, largest_answers, run_tune
     space = DEFAULT_SPACE
     if args.space:
@@ -31,7 +31,7 @@ def run() -> None:
     inputs = prepare(cfg)
     with lalm_endpoint(cfg) as url:
         check_lalm(cfg, url)
-        labels = label(cfg, inputs.adapt_df, os.path.abspath(cfg.output), inputs.source_checkpoint, url)
+        labels = label_or_reuse(cfg, inputs.adapt_df, os.path.abspath(cfg.output), inputs.source_checkpoint, url)
     cfg.train.cpus_per_worker = min(cfg.train.cpus_per_worker, 0.5)
     table, best = run_tune(cfg, labels.table, inputs.dev_df, inputs.source_checkpoint, os.path.abspath(cfg.output),
                            space, args.num_samples, args.search_alg, args.max_concurrent)

@@ -9,11 +9,11 @@ import pandas as pd
 
 from .config import MiFuseConfig
 from .inputs import Inputs, prepare, resolve_inputs
-from .pipeline import AdaptResult, adapt, label, label_splits, lalm_endpoint
+from .pipeline import AdaptResult, adapt, label_or_reuse, label_splits, lalm_endpoint
 from .ray_utils import init_ray
 
-__all__ = ["AdaptResult", "Inputs", "MiFuseConfig", "adapt", "label", "label_splits", "lalm_endpoint", "predict",
-           "prepare", "resolve_inputs"]
+__all__ = ["AdaptResult", "Inputs", "MiFuseConfig", "adapt", "label_or_reuse", "label_splits", "lalm_endpoint",
+           "predict", "prepare", "resolve_inputs"]
 
 
 def predict(cfg: MiFuseConfig, target: str, model_dir: str, split: str | None = None) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .fusion import VARIANTS, FusionFit, fit_temperatures
-from .fused_labels import fit_table, fusion_columns, teachers_of
+from .fused_labels import fit_table, fusion_columns, teacher_names, teachers_of
 from .metrics import bootstrap_ci, uar
 
 
@@ -60,14 +60,28 @@ def balanced_nll(q, y, num_classes: int) -> float:
     return float(np.mean([nll[y == k].mean() for k in range(num_classes) if (y == k).any()]))
 
 
+def weight_grid(num_teachers: int, steps: int = 9, floor: float = 0.05) -> np.ndarray:
+    """Weight vectors on the simplex, each weight ≥ ``floor``: w = floor + k·(1 − T·floor)/steps with
+    Σk = steps. Two teachers give (w, 1 − w), w ∈ {0.05, 0.15, …, 0.95}; three give 55 vectors."""
+    def compositions(total: int, parts: int):
+        if parts == 1:
+            yield (total,)
+            return
+        for k in range(total + 1):
+            for rest in compositions(total - k, parts - 1):
+                yield (k, *rest)
+    step = (1 - num_teachers * floor) / steps
+    return np.round(floor + step * np.array(list(compositions(steps, num_teachers)), dtype=np.float64), 10)
+
+
 def fit_dev_weights(adapt: pd.DataFrame, half: pd.DataFrame, y, fusion_cfg, temperatures, labels):
-    """weighting 'dev': one global weight per teacher (w, 1 − w), the w ∈ {0.05, …, 0.95} whose
-    fused label has the lowest balanced NLL on the dev clips. Returns the resolved config and its
-    fit on the adaptation split (computed while choosing; not fitted again)."""
+    """weighting 'dev': one global weight per teacher, the vector of ``weight_grid`` whose fused
+    label has the lowest balanced NLL on the dev clips. Returns the resolved config and its fit on
+    the adaptation split (computed while choosing; not fitted again)."""
     C = len(labels)
     best = None
-    for w in np.round(np.arange(0.05, 1.0, 0.1), 2):
-        cfg = dataclasses.replace(fusion_cfg, weighting="fixed", fixed_weights=[float(w), float(1 - w)])
+    for w in weight_grid(len(teacher_names(adapt))):
+        cfg = dataclasses.replace(fusion_cfg, weighting="fixed", fixed_weights=[float(v) for v in w])
         fit = fit_table(adapt, C, cfg, temperatures)
         score = balanced_nll(np.stack(fusion_columns(half, C, cfg, fit)["q"]), y, C)
         if best is None or score < best[0]:
@@ -143,7 +157,8 @@ def choose_fusion(adapt: pd.DataFrame, dev: pd.DataFrame | None, fusion_cfg, lab
         scores[name], resolved[name] = score_on(half, cfg, fit, labels), (cfg, fit)
     best = max(names, key=lambda n: scores[n]["uar"])
     chosen_cfg = resolved[best][0]
-    fitted = [f"teacher weights (LALM, source) {chosen_cfg.fixed_weights[0]:.2f}, {chosen_cfg.fixed_weights[1]:.2f}"
+    weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(teacher_names(adapt), chosen_cfg.fixed_weights))
+    fitted = [f"teacher weights ({weights})"
               if fusion_cfg.weighting == "dev" or VARIANTS.get(best, {}).get("weighting") == "dev" else "",
               "teacher temperatures" if half.temperatures else ""]
     fitted = " and ".join(f for f in fitted if f)

@@ -24,7 +24,7 @@ def parse_config(p: argparse.ArgumentParser, argv=None) -> tuple[MiFuseConfig, a
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from .labels import LabelSetMismatch
+    from .label_set import LabelSetMismatch
     from .lalm.client import LALMAuthError
     return (ConfigError, LabelSetMismatch, FileNotFoundError, ConnectionError, LALMAuthError, PermissionError)
 

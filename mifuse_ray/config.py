@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from .audio import AudioConfig
-from .labels import DEFAULT_LABELS, DEFAULT_SYNONYMS
+from .label_set import DEFAULT_LABELS, DEFAULT_SYNONYMS
 
 
 class ConfigError(ValueError):
@@ -75,7 +75,8 @@ class LALMConfig:
     usd_per_request: float = 0.0
     usd_per_audio_minute: float = 0.0
     dry_run: bool = not_a_result(False)          # estimate requests, audio and cost, send nothing
-    budget: float = 1.0                 # clips to ask: a fraction (≤ 1) or a count (> 1)
+    budget: float = 1.0                 # the fraction of decoded clips to ask, in (0, 1]
+    budget_clips: int = 0               # > 0: ask this many clips instead of a fraction
     budget_selection: Literal["mi_diverse", "random"] = "mi_diverse"
 
 
@@ -84,6 +85,7 @@ class SourceConfig:
     """The source classifier as an MC-dropout teacher."""
 
     checkpoint: str = ""                # empty: the demo source model (trained if missing)
+    extra_checkpoints: tuple[str, ...] = ()   # more source models, teachers source2, source3, … (same K, scope)
     mc_passes: int = 10                 # K_max passes, all stored
     mc_scope: Literal["full", "head"] = "full"   # see README
     dropout_override: float | None = None
@@ -143,8 +145,8 @@ class TrainConfig:
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
-    refuse_from_epoch: int = 2          # from this epoch the EMA model may be the auxiliary teacher ...
-    refuse_gate: bool = True            # ... once its dev UAR passes the fused label's (when a dev split exists)
+    online_fusion_from_epoch: int = 2          # from this epoch the EMA model may be the auxiliary teacher ...
+    online_fusion_gate: bool = True            # ... once its dev UAR passes the fused label's (when a dev split exists)
     ema_mc_passes: int = 4
     ema_mc_scope: Literal["head", "full"] = "head"
     select: Literal["final", "smoothed_dev"] = "final"   # the final EMA (or student), or the best 3-epoch dev mean
@@ -358,7 +360,8 @@ def validate(cfg: MiFuseConfig) -> None:
         (cfg.train.distill_kl_weight >= 0 and cfg.train.cka_weight >= 0 and cfg.train.distill_temperature > 0,
          "train.distill_kl_weight and train.cka_weight must be ≥ 0, train.distill_temperature > 0"),
         (cfg.train.lora_rank >= 0, "train.lora_rank must be ≥ 0 (0: fine-tune the whole student)"),
-        (cfg.lalm.budget > 0, "lalm.budget must be > 0 (a fraction ≤ 1 or a count)"),
+        (0 < cfg.lalm.budget <= 1, "lalm.budget is a fraction in (0, 1]; for a number of clips use lalm.budget_clips"),
+        (cfg.lalm.budget_clips >= 0, "lalm.budget_clips must be ≥ 0 (0: use lalm.budget)"),
         (set(cfg.baseline_modes) <= set(_literal_choices(TrainConfig, "mode")),
          f"baseline_modes must name train modes: {', '.join(_literal_choices(TrainConfig, 'mode'))}"),
     ]

@@ -27,6 +27,8 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
     truth = dict(zip(test["clip_id"], test["label_index"]))
     decoded = training_clips(test, cfg.audio)     # read once per model: small splits stay decoded
     models = {"source_only": inputs.source_checkpoint}
+    for i, checkpoint in enumerate(cfg.source.extra_checkpoints):      # extra source-model teachers
+        models[f"source{i + 2}_only"] = checkpoint
     for name, res in students.items():
         models[f"{name}_student"] = res.student_dir
         if res.ema_dir:

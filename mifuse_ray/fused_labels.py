@@ -6,6 +6,8 @@ all fuse through these functions, and none of them needs the Ray Data pipeline t
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -14,17 +16,36 @@ from .fusion import STATUS_NAMES, FusionFit, corrected_pbars, fit_fusion, fuse, 
 NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
 
 
+LALM = "lalm"                            # the API teacher; every other teacher is a source model
+_SOURCE_TEACHER = re.compile(r"^(source\d*)_votes$")
+
+
+def teacher_names(table) -> list[str]:
+    """The teachers a labels table holds, in fusion order: the LALM, the source model, then the
+    extra source models (``source.extra_checkpoints``: ``source2``, ``source3``, …). Each has a
+    ``<name>_votes`` column and a distribution column (``lalm_soft``, ``<name>_probs``)."""
+    columns = table.columns if hasattr(table, "columns") else table       # a DataFrame, or a batch's keys
+    extra = sorted((m.group(1) for m in map(_SOURCE_TEACHER.match, columns) if m and m.group(1) != "source"),
+                   key=lambda n: int(n[len("source"):]))
+    return [LALM, "source", *extra]
+
+
+def draw_columns(name: str) -> tuple[str, str]:
+    """(votes, distributions) columns of a teacher in a labels table."""
+    return f"{name}_votes", ("lalm_soft" if name == LALM else f"{name}_probs")
+
+
 def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> dict:
-    """Arrays of the first N LALM answers and K MC passes per clip (0 = all stored)."""
-    B = len(df)
-    lv = _stack_lists(df["lalm_votes"], fill=-1)
-    ls = _stack_lists(df["lalm_soft"], fill=np.nan, inner=num_classes)
-    sv = _stack_lists(df["source_votes"], fill=-1)
-    sp = _stack_lists(df["source_probs"], fill=np.nan, inner=num_classes)
-    n = n_answers or lv.shape[1]
-    k = mc_passes or sv.shape[1]
-    return {"lalm_votes": lv[:, :n].reshape(B, -1), "lalm_soft": ls[:, :n].reshape(B, -1, num_classes),
-            "source_votes": sv[:, :k].reshape(B, -1), "source_probs": sp[:, :k].reshape(B, -1, num_classes)}
+    """{teacher: (votes (B, n), distributions (B, n, C))}: the first N LALM answers and K MC passes
+    of every source-model teacher per clip (0 = all stored)."""
+    out = {}
+    for name in teacher_names(df):
+        votes_col, probs_col = draw_columns(name)
+        votes = _stack_lists(df[votes_col], fill=-1)
+        probs = _stack_lists(df[probs_col], fill=np.nan, inner=num_classes)
+        n = (n_answers if name == LALM else mc_passes) or votes.shape[1]
+        out[name] = (votes[:, :n].reshape(len(df), -1), probs[:, :n].reshape(len(df), -1, num_classes))
+    return out
 
 
 def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
@@ -40,14 +61,10 @@ def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
     return out
 
 
-TEACHERS = ("lalm", "source")            # the order of the teachers in every fusion
-
-
 def teachers_of(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> list:
-    """Both teachers' statistics (LALM first) from a table's stored draws."""
-    draws = stored_draws(df, num_classes, n_answers, mc_passes)
-    return [teacher_stats(draws["lalm_votes"], num_classes, draws["lalm_soft"]),
-            teacher_stats(draws["source_votes"], num_classes, draws["source_probs"])]
+    """Every teacher's statistics, in ``teacher_names`` order, from a table's stored draws."""
+    return [teacher_stats(votes, num_classes, probs)
+            for votes, probs in stored_draws(df, num_classes, n_answers, mc_passes).values()]
 
 
 def fuse_kwargs(fusion_cfg) -> dict:
@@ -99,9 +116,10 @@ def fit_table(table: pd.DataFrame, num_classes: int, fusion_cfg, temperatures=No
 def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:
     """The fusion map stage: per-teacher p̄ (as fused) and uncertainties, weights, q, argmax, status."""
     out = df.copy()
+    names = teacher_names(df)
     teachers = teachers_of(df, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
     res = fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg))
-    for name, t, pbar in zip(TEACHERS, teachers, corrected_pbars(teachers, fit)):
+    for name, t, pbar in zip(names, teachers, corrected_pbars(teachers, fit)):
         out[f"{name}_n"] = np.asarray(t.n)
         out[f"{name}_pbar"] = list(np.asarray(t.pbar))
         out[f"{name}_vote_entropy"] = np.asarray(t.vote_entropy)
@@ -110,7 +128,7 @@ def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFi
         out[f"{name}_pred"] = np.where(np.asarray(t.n) > 0, np.asarray(t.pbar).argmax(1), -1)
         out[f"{name}_corrected_pred"] = np.where(np.asarray(t.n) > 0, np.asarray(pbar).argmax(1), -1)
     w = np.asarray(res.weights)
-    for i, name in enumerate(TEACHERS):
+    for i, name in enumerate(names):
         out[f"weight_{name}"] = w[:, i]
     q = np.asarray(res.q)
     out["q"] = list(q)
@@ -122,7 +140,7 @@ def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFi
     return out
 
 
-def refused_table(table: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:
+def fused_again(table: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:
     """A stored labels table fused again with other fusion settings (N, K, τ, weighting, balancing).
 
     Reuse of stored labels ignores the fusion on purpose (a rerun that changes only the fusion

@@ -217,11 +217,17 @@ def rescale(p, scale):
     return ops.where(norm > 0, scaled / ops.where(norm > 0, norm, 1.0), p)
 
 
+def padded(fixed_weights, num_teachers: int) -> list[float]:
+    """Fixed weights for every teacher: those past the list get 0, so the one-teacher variants
+    (``lalm``: [1, 0]) mean the same with extra teachers."""
+    return list(fixed_weights) + [0.0] * (num_teachers - len(fixed_weights))
+
+
 def _present(teachers, fixed_weights=None):
     ops = _Ops(teachers[0].pbar)
     present = ops.stack([ops.f32(t.n) for t in teachers]) > 0
     if fixed_weights is not None:  # a teacher given weight 0 is absent: it must not stand in for another
-        present = present & (ops.f32(list(fixed_weights))[None, :] > 0)
+        present = present & (ops.f32(padded(fixed_weights, len(teachers)))[None, :] > 0)
     return present
 
 
@@ -241,7 +247,7 @@ def _weights(teachers, present, uncertainty: str, weighting: str, tau: float, ep
     elif weighting == "inverse":
         raw = 1.0 / (U + eps)
     elif weighting == "fixed":
-        raw = U * 0 + ops.f32(list(fixed_weights))[None, :]
+        raw = U * 0 + ops.f32(padded(fixed_weights, len(teachers)))[None, :]
     else:                                                            # equal
         raw = present_f
     # a present teacher with one draw has no spread to measure: uncertainty weights fall back to equal
@@ -289,7 +295,8 @@ def fuse(teachers: Sequence[TeacherStats], uncertainty: str = "vote_entropy", we
     of experts Π p̃_t^{w_t} (``product``), or the label model's posterior (``label_model``, which
     needs ``fit.log_confusion``). ``fit`` carries the global corrections (dev temperatures, class
     balancing of each teacher and of q); without it this is the paper's per-clip fusion.
-    A teacher with no valid draw on a clip gets weight 0 there; where a present teacher has a
+    ``fixed_weights`` shorter than the teachers gives the rest weight 0. A teacher with no valid
+    draw on a clip gets weight 0 there; where a present teacher has a
     single draw there is no spread to measure and the present teachers share equally.
     """
     if uncertainty not in UNCERTAINTIES:
@@ -298,8 +305,8 @@ def fuse(teachers: Sequence[TeacherStats], uncertainty: str = "vote_entropy", we
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if weighting == "fixed" and (fixed_weights is None or len(fixed_weights) != len(teachers)):
-        raise ValueError("weighting='fixed' needs one fixed weight per teacher")
+    if weighting == "fixed" and (fixed_weights is None or len(fixed_weights) > len(teachers)):
+        raise ValueError("weighting='fixed' needs at most one fixed weight per teacher")
     ops = _Ops(teachers[0].pbar)
     present = _present(teachers, fixed_weights if weighting == "fixed" else None)
     weights, U, single = _weights(teachers, present, uncertainty, weighting, tau, eps, fixed_weights)

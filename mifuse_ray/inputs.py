@@ -55,7 +55,7 @@ def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
 
 def resolve_inputs(cfg: MiFuseConfig) -> Inputs:
     """The target's splits and the source checkpoint, with the checkpoint's labels checked."""
-    from .labels import check_same_labels
+    from .label_set import check_same_labels
     from .models.base import read_meta
     from .train.source import labelled_split
     if cfg.target:
@@ -65,13 +65,15 @@ def resolve_inputs(cfg: MiFuseConfig) -> Inputs:
     else:
         target, checkpoint = demo_paths(cfg)
         checkpoint = cfg.source.checkpoint or checkpoint
-    try:
-        meta = read_meta(checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{exc}; set source.checkpoint to a model directory written by train_source.py "
-                          "or a transformers audio-classification directory") from None
-    if "labels" in meta:
-        check_same_labels(meta["labels"], cfg.labels)
+    for key, path in [("source.checkpoint", checkpoint)] + [("source.extra_checkpoints", p)
+                                                            for p in cfg.source.extra_checkpoints]:
+        try:
+            meta = read_meta(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{exc}; set {key} to a model directory written by train_source.py "
+                              "or a transformers audio-classification directory") from None
+        if "labels" in meta:
+            check_same_labels(meta["labels"], cfg.labels, what=f"{key} {path}")
     try:
         adapt_df = list_inputs(target, split=cfg.adapt_split if target.endswith(".parquet") else None)
     except FileNotFoundError as exc:
@@ -105,12 +107,12 @@ def check_output_writable(path: str) -> None:
 
 def check_run(cfg: MiFuseConfig, inputs: Inputs) -> None:
     """The mistakes that need the inputs or the cluster to see, found before the first request."""
-    from .fused_labels import TEACHERS
+    teachers = ["lalm", "source", *(f"source{i + 2}" for i in range(len(cfg.source.extra_checkpoints)))]
     if inputs.dev_df is None and cfg.train.select == "smoothed_dev":
         raise ConfigError("train.select smoothed_dev needs a labelled dev split (dev_split); "
                           "use train.select final, which needs none")
-    if cfg.fusion.weighting == "fixed" and len(cfg.fusion.fixed_weights) != len(TEACHERS):
-        raise ConfigError(f"fusion.fixed_weights needs {len(TEACHERS)} weights ({', '.join(TEACHERS)}) "
+    if cfg.fusion.weighting == "fixed" and len(cfg.fusion.fixed_weights) != len(teachers):
+        raise ConfigError(f"fusion.fixed_weights needs {len(teachers)} weights ({', '.join(teachers)}) "
                           f"with fusion.weighting fixed; got {len(cfg.fusion.fixed_weights)}")
     _check_cluster_fits(cfg)
 
@@ -132,8 +134,9 @@ def _check_cluster_fits(cfg: MiFuseConfig) -> None:
 
 
 def _autoscaling() -> bool:
-    """An autoscaling cluster (KubeRay, the cluster launcher) can add the nodes a request needs."""
-    return os.environ.get("RAY_AUTOSCALER", "") == "1" or bool(os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
+    """An autoscaling cluster can add the nodes a request needs: KubeRay pods say so in their
+    environment; elsewhere (the cluster launcher) set MIFUSE_AUTOSCALING=1 to skip the check."""
+    return os.environ.get("MIFUSE_AUTOSCALING", "") == "1" or bool(os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
 
 
 def prepare(cfg: MiFuseConfig, verbose: bool = True) -> Inputs:

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .config import MiFuseConfig
-from .fused_labels import (NO_TEACHER_ERROR, TEACHERS, _stack_lists, fit_frames, fit_table,  # noqa: F401
-                           fuse_kwargs, fusion_columns, refused_table, stored_draws, teachers_of)
+from .fused_labels import (NO_TEACHER_ERROR, _stack_lists, fit_frames, fit_table,  # noqa: F401
+                           fuse_kwargs, fusion_columns, fused_again, stored_draws, teacher_names, teachers_of)
 from .fusion import teacher_stats
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,26 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
     from .data import read_decoded
     from .lalm.client import api_key_from_env
     from .lalm.stage import add_lalm_stage
-    from .source_stage import SourceTeacherStage
+    from .source_teacher import SourceTeacherStage
 
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     C = len(cfg.labels)
     src = cfg.source
-    everyone = cfg.lalm.budget == 1.0
+    everyone = asks_every_clip(cfg)
     ds = read_decoded(target_df, cfg.audio, batch_size=src.batch_size)
-    ds = ds.map_batches(
-        SourceTeacherStage, batch_format="pandas", batch_size=src.batch_size,
-        fn_constructor_kwargs=dict(checkpoint=os.path.abspath(source_checkpoint), mc_passes=src.mc_passes,
-                                   scope=src.mc_scope, seed=src.seed, dropout_override=src.dropout_override,
-                                   amp=src.amp, labels=cfg.labels, keep_audio=everyone),
-        compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus, num_gpus=src.num_gpus or None)
+    # the source model, then any extra source models (teachers source2, source3, …), one actor stage each
+    checkpoints = [source_checkpoint, *src.extra_checkpoints]
+    for i, checkpoint in enumerate(checkpoints):
+        last = i == len(checkpoints) - 1
+        ds = ds.map_batches(
+            SourceTeacherStage, batch_format="pandas", batch_size=src.batch_size,
+            fn_constructor_kwargs=dict(checkpoint=os.path.abspath(checkpoint), mc_passes=src.mc_passes,
+                                       scope=src.mc_scope, seed=src.seed + 1000 * i, dropout_override=src.dropout_override,
+                                       amp=src.amp, labels=cfg.labels, keep_audio=everyone or not last,
+                                       name="source" if i == 0 else f"source{i + 1}"),
+            compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus,
+            num_gpus=src.num_gpus or None)
     ds, asked = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
     with contextlib.ExitStack() as stack:
@@ -111,12 +117,12 @@ def _select_for_budget(ds, cfg: MiFuseConfig):
     (a few kB per clip instead of ~160 kB); the chosen clips are decoded again for the LALM."""
     from .selection import budget_count, select_clips
     from .data import decode_where
-    if cfg.lalm.budget == 1.0:          # every clip: keep the pipeline streaming, no barrier
+    if asks_every_clip(cfg):            # every clip: keep the pipeline streaming, no barrier
         return ds, None
     ds = ds.materialize()               # the source stage's outputs only: it dropped the audio
     meta = ds.select_columns(["clip_id", "error", "source_votes", "source_probs", "embedding"]).to_pandas()
     decoded = meta[meta["error"].isna()].reset_index(drop=True)
-    k = budget_count(cfg.lalm.budget, len(decoded))
+    k = budget_count(cfg.lalm.budget, len(decoded), cfg.lalm.budget_clips)
     if k >= len(decoded):
         asked_all = ds.map_batches(_ask_every_clip, batch_format="pandas", num_cpus=0.25)
         return asked_all.map_batches(decode_where, fn_kwargs={"cfg": cfg.audio, "column": "lalm_asked"},
@@ -134,6 +140,10 @@ def _select_for_budget(ds, cfg: MiFuseConfig):
     ds = ds.map_batches(mark, batch_format="pandas", num_cpus=0.25)
     return ds.map_batches(decode_where, fn_kwargs={"cfg": cfg.audio, "column": "lalm_asked"}, batch_format="pandas",
                           batch_size=cfg.source.batch_size, num_cpus=0.5), asked
+
+
+def asks_every_clip(cfg: MiFuseConfig) -> bool:
+    return cfg.lalm.budget == 1.0 and cfg.lalm.budget_clips == 0
 
 
 def _ask_every_clip(batch: pd.DataFrame) -> pd.DataFrame:
@@ -166,7 +176,7 @@ def estimate_spend(cfg: MiFuseConfig, target_df: pd.DataFrame) -> dict:
     """Upper bound of requests, audio seconds and cost for asking every clip (before the cache)."""
     from .selection import budget_count
     clips = len(target_df)
-    asked = budget_count(cfg.lalm.budget, clips)
+    asked = budget_count(cfg.lalm.budget, clips, cfg.lalm.budget_clips)
     from .lalm.client import PRESETS
     preset = PRESETS.get(cfg.lalm.preset)
     use_n = preset.supports_n if cfg.lalm.use_n is None and preset else bool(cfg.lalm.use_n)
@@ -207,7 +217,7 @@ def summarize(table: pd.DataFrame, labels) -> dict:
             name: {label: float(v) for label, v in zip(labels, np.bincount(
                 table.loc[ok & (table[f"{name}_pred"] >= 0), f"{name}_pred"].astype(int), minlength=C)
                 / max(int((ok & (table[f"{name}_pred"] >= 0)).sum()), 1))}
-            for name in (*TEACHERS, "fused")}
+            for name in (*teacher_names(table), "fused")}
         never = [label for label, v in summary["predicted_classes"]["fused"].items() if v == 0]
         if never:
             summary["warnings"] = [f"the fused label never predicts {', '.join(never)}"]
@@ -217,7 +227,7 @@ def summarize(table: pd.DataFrame, labels) -> dict:
         known = ok & table[truth_col].notna()
         y = np.array([list(labels).index(v) for v in table.loc[known, truth_col]])
         summary["truth_column"] = truth_col
-        for name in ("lalm", "source", "fused"):
+        for name in (*teacher_names(table), "fused"):
             pred = table.loc[known, f"{name}_pred"].to_numpy()
             summary[f"uar_{name}"] = uar(y, np.where(pred >= 0, pred, (y + 1) % C), C)
     return summary

@@ -61,8 +61,8 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def label(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str, name: str = "labels",
-          limiter: tuple[str, int] | None = None):
+def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str,
+                   name: str = "labels", limiter: tuple[str, int] | None = None):
     """Label ``df`` (reusing ``<out_dir>/<name>.parquet`` when nothing that changes it has changed)."""
     from .labeling import LabelingResult, label_target, summarize
     fingerprint = labeling_fingerprint(cfg, df, checkpoint, base_url)
@@ -94,15 +94,16 @@ def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
     chosen fusion (fitted on the adaptation split) is written into every split's labels.parquet.
     Returns ({split: LabelingResult}, FusionChoice)."""
     from .calibration import choose_fusion
-    from .labeling import refused_table, request_limiter, summarize, write_parquet
+    from .labeling import fused_again, request_limiter, summarize, write_parquet
     with request_limiter(cfg, inputs.labelled_clips()) as limiter:     # one cap for every split of the run
-        results = {split: label(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split], limiter)
+        results = {split: label_or_reuse(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split],
+                                         limiter)
                    for split, df in inputs.splits().items()}
     dev = results.get("dev")
     choice = choose_fusion(results["adapt"].table, dev.table if dev else None, cfg.fusion, cfg.labels)
     for split, res in results.items():
         fit = choice.fit if split == "adapt" else choice.fit_for(res.table, cfg.labels)
-        res.table = refused_table(res.table, len(cfg.labels), choice.config, fit)
+        res.table = fused_again(res.table, len(cfg.labels), choice.config, fit)
         write_parquet(res.table, res.labels_path)
         res.summary.update(summarize(res.table, cfg.labels))
     results["adapt"].summary["fusion"] = choice.summary()

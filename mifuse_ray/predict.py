@@ -6,7 +6,7 @@ import pandas as pd
 
 from .config import MiFuseConfig
 from .models.base import read_meta
-from .source_stage import SourceTeacherStage
+from .source_teacher import SourceTeacherStage
 
 
 class _Predictor(SourceTeacherStage):

@@ -122,16 +122,18 @@ def plot_fusion(table: pd.DataFrame, labels, path: str) -> None:
     the LALM's fusion weight and each teacher's uncertainty."""
     plt = _pyplot()
     ok = table[table["error"].isna()] if "error" in table else table
+    from .fused_labels import teacher_names
+    teachers = teacher_names(ok)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-    width = 0.27
-    for i, col in enumerate(("lalm_pred", "source_pred", "fused_pred")):
-        pred = ok[col][ok[col] >= 0].astype(int)
+    width = 0.8 / (len(teachers) + 1)
+    for i, name in enumerate((*teachers, "fused")):
+        pred = ok[f"{name}_pred"][ok[f"{name}_pred"] >= 0].astype(int)
         share = np.bincount(pred, minlength=len(labels)) / max(len(pred), 1)
-        axes[0].bar(np.arange(len(labels)) + (i - 1) * width, share, width, label=col.replace("_pred", ""))
+        axes[0].bar(np.arange(len(labels)) + (i - len(teachers) / 2) * width, share, width, label=name)
     axes[0].set_xticks(range(len(labels)), labels, fontsize=7)
     axes[0].set(title="predicted class share (adaptation split)", ylabel="share of clips")
     axes[0].legend(fontsize=7)
-    for name in ("lalm", "source"):
+    for name in teachers:
         axes[1].hist(ok[f"{name}_vote_entropy"].dropna(), bins=20, alpha=0.6, label=name)
     axes[1].set(title="vote entropy (nats)")
     axes[1].legend(fontsize=7)

@@ -12,11 +12,12 @@ import numpy as np
 METHODS = ("mi_diverse", "random")
 
 
-def budget_count(budget: float, clips: int) -> int:
-    """``lalm.budget`` as a number of clips: a fraction when ≤ 1, else a count (capped at ``clips``)."""
-    if budget <= 1:
-        return int(round(budget * clips))
-    return int(min(budget, clips))
+def budget_count(budget: float, clips: int, budget_clips: int = 0) -> int:
+    """The number of clips to ask the LALM: ``budget_clips`` when set (capped at ``clips``), else the
+    fraction ``budget`` of them."""
+    if budget_clips > 0:
+        return int(min(budget_clips, clips))
+    return int(round(budget * clips))
 
 
 def k_center_greedy(points: np.ndarray, k: int, first: int = 0) -> np.ndarray:

@@ -24,7 +24,7 @@ def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adapt"))
     args = ["--target", os.path.join(demo_root, "call_centre", "manifest.parquet"), "--source.checkpoint",
             source_model, "--output", out, "--lalm.n_answers", "3", "--source.mc_passes", "4", "--train.epochs", "2",
-            "--train.refuse_from_epoch", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"]
+            "--train.online_fusion_from_epoch", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"]
     first = run_job(args)
     assert first.returncode == 0, first.stderr[-3000:]
     return out, args, first
@@ -134,7 +134,7 @@ def test_every_user_error_is_found_before_the_first_request(ray_cluster, demo_ro
                                                    **overrides})
             with pytest.raises(ValueError, match=message):
                 adapt(cfg)
-        assert server.stats()["requests"] == 0
+        assert server.stats["requests"] == 0
 
 
 def test_dry_run_estimates_without_sending(ray_cluster, source_model, demo_root, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from mifuse_ray.audio import encode_wav
 from mifuse_ray.config import ConfigError, LALMConfig
-from mifuse_ray.labels import DEFAULT_LABELS, DEFAULT_SYNONYMS
+from mifuse_ray.label_set import DEFAULT_LABELS, DEFAULT_SYNONYMS
 from mifuse_ray.lalm.cache import ResponseCache
 from mifuse_ray.lalm.client import LALMAuthError, LALMClient, preflight, resolve
 from mifuse_ray.lalm.parsing import logprob_distribution, parse_answer

@@ -8,8 +8,8 @@ import torch
 from mifuse_ray.models.base import load_model
 from mifuse_ray.models.cnn import LogMelCNN
 from mifuse_ray.models.mc import mc_seeds
-from mifuse_ray.models.predict import mc_predict
-from mifuse_ray.source_stage import SourceTeacherStage
+from mifuse_ray.models.mc import mc_predict
+from mifuse_ray.source_teacher import SourceTeacherStage
 
 
 def batch(n=3, seconds=1.0, seed=0):

@@ -8,10 +8,10 @@ import soundfile as sf
 from mifuse_ray.audio import AudioConfig, list_inputs
 from mifuse_ray.config import MiFuseConfig
 from mifuse_ray.data import decode_locally
-from mifuse_ray.labels import DEFAULT_LABELS
+from mifuse_ray.label_set import DEFAULT_LABELS
 from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 from mifuse_ray.metrics import uar
-from mifuse_ray.source_stage import SourceTeacherStage
+from mifuse_ray.source_teacher import SourceTeacherStage
 from mifuse_ray.train.source import labelled_split
 
 

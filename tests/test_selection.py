@@ -7,7 +7,7 @@ from mifuse_ray.selection import budget_count, k_center_greedy, select_clips
 
 def test_budget_count():
     assert budget_count(0.3, 100) == 30 and budget_count(1.0, 7) == 7
-    assert budget_count(25, 100) == 25 and budget_count(500, 100) == 100
+    assert budget_count(1.0, 100, budget_clips=25) == 25 and budget_count(0.5, 100, budget_clips=500) == 100
     assert budget_count(0.0, 10) == 0
 
 

@@ -47,7 +47,7 @@ def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
     from mifuse_ray.labeling import label_target
     from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
     from mifuse_ray.train.source import labelled_split
-    from mifuse_ray.labels import DEFAULT_LABELS
+    from mifuse_ray.label_set import DEFAULT_LABELS
     target = os.path.join(demo_root, "call_centre", "manifest.parquet")
     cfg = MiFuseConfig()
     cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
@@ -61,7 +61,7 @@ def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
 def tiny_cfg(**train):
     cfg = MiFuseConfig()
     cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.refuse_from_epoch = 2, 8, 1
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.online_fusion_from_epoch = 2, 8, 1
     cfg.train.cpus_per_worker = 0.5
     cfg.audio.train_crop_s = 1.0
     for k, v in train.items():
@@ -173,7 +173,7 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
-    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, refuse_from_epoch=5, distill_teacher="source",
+    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, online_fusion_from_epoch=5, distill_teacher="source",
                    distill_kl_weight=0.5, cka_weight=0.5)
     res = train_student(cfg, table, dev, tiny_hf_dir, str(tmp_path), run_name="lora")
     last = res.history[-1]

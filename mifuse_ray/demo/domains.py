@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from ..labels import DEFAULT_LABELS
+from ..label_set import DEFAULT_LABELS
 from .synth import Prosody, Speaker, apply_channel, synthesize_utterance
 
 # Acted prototypes: how each emotion sounds when fully expressed.

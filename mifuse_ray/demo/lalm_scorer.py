@@ -113,7 +113,7 @@ def fit(out_path: str = WEIGHTS_PATH, work_dir: str = "/tmp/mifuse_standin_pretr
     import torch
     from ..audio import AudioConfig, load_audio
     from .domains import generate_domain
-    from ..labels import DEFAULT_LABELS
+    from ..label_set import DEFAULT_LABELS
     feats, ys = [], []
     for dom in pretraining_domains():
         manifest = generate_domain(dom, os.path.join(work_dir, dom.name))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiohttp import web
 
-from ..labels import DEFAULT_LABELS
+from ..label_set import DEFAULT_LABELS
 
 MODEL_NAME = "mifuse-standin-lalm"
 TEMPLATES = ("{label}", "{Label}.", "The speaker sounds {label}.", "Emotion: {Label}", '{{"emotion": "{label}"}}',

@@ -44,10 +44,15 @@ class TokenBucket:
 
 
 def bucket_actor(name: str, qps: float, max_requests: int):
-    """The named, detached-for-the-job limiter actor (created once, shared by every LALM actor)."""
+    """The named limiter actor (created once, shared by every LALM actor), pinned to the driver's
+    node: it holds the spend already counted, so it must not die with a worker node (a restarted
+    one would start counting from zero), and the driver's node failing ends the job anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(TokenBucket)
-    return actor_cls.options(name=name, get_if_exists=True, lifetime=None).remote(qps, max_requests)
+    return actor_cls.options(name=name, get_if_exists=True, lifetime=None, scheduling_strategy=here).remote(
+        qps, max_requests)
 
 
 class SpendCapReached(Exception):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..labels import DEFAULT_LABELS
+from ..label_set import DEFAULT_LABELS
 
 CHECKPOINT_META = "mifuse_model.json"
 

@@ -8,7 +8,7 @@ import torchaudio
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..labels import DEFAULT_LABELS
+from ..label_set import DEFAULT_LABELS
 from .base import SERModel, write_meta
 
 

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from ..config import FusionConfig, MiFuseConfig, result_fields
-from ..fusion import FusionFit, OnlineBalance, draw_labels, fuse, rescale, teacher_stats, temper
-from ..fused_labels import fit_table, fuse_kwargs, fusion_columns
+from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, rescale, teacher_stats, temper
+from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
 from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, strong_augment,
                      warmup_cosine)
@@ -171,12 +171,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     gen = torch.Generator().manual_seed(hash_seed(t.seed, run.rank, epoch, 1))
     run.model.train()
     run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
-    refusing = _refusing(run, epoch)
-    sums: dict = {"n": 0, "refusing": float(refusing), "clips": 0, "started": time.time()}
+    online_fusion = _online_fusion_on(run, epoch)
+    sums: dict = {"n": 0, "online_fusion": float(online_fusion), "clips": 0, "started": time.time()}
     for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
                                               drop_last=run.world > 1):
-        for name, value in _step(run, batch, rng, gen, refusing).items():
+        for name, value in _step(run, batch, rng, gen, online_fusion).items():
             sums[name] = sums.get(name, 0.0) + value
         sums["n"] += 1
         sums["clips"] += len(batch["clip_id"])
@@ -185,7 +185,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     return sums
 
 
-def _step(run: _Run, batch: dict, rng, gen, refusing: bool) -> dict:
+def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     """One optimiser step; returns the loss terms for the epoch's averages."""
     cfg, mode, t, device = run.inp.cfg, run.inp.mode, run.inp.cfg.train, run.device
     clean, lengths = crop_batch(list(batch["audio"]), int(cfg.audio.train_crop_s * cfg.audio.sample_rate), rng)
@@ -201,8 +201,8 @@ def _step(run: _Run, batch: dict, rng, gen, refusing: bool) -> dict:
     q = torch.tensor(np.asarray(batch["q"]), dtype=torch.float32, device=device)
     c = torch.tensor(np.asarray(batch["clip_weight"]), dtype=torch.float32, device=device)
     ema_probs = None            # the EMA teacher's clean-view prediction, when re-fusion has made it
-    if refusing:
-        q, c, weights, ema_probs = _refused_q(run, clean, lengths, batch)
+    if online_fusion:
+        q, c, weights, ema_probs = _online_fused_q(run, clean, lengths, batch)
         terms["weight_lalm"] = float(weights[:, 0].mean())
     use_amp = t.amp and device.type == "cuda"
     need_frames = t.cka_weight > 0
@@ -243,12 +243,12 @@ def _step(run: _Run, batch: dict, rng, gen, refusing: bool) -> dict:
 def _end_epoch(run: _Run, epoch: int, sums: dict) -> None:
     import ray.train
     n = max(sums.pop("n"), 1)
-    refusing = bool(sums.pop("refusing"))
+    online_fusion = bool(sums.pop("online_fusion"))
     seconds, clips = time.time() - sums.pop("started"), sums.pop("clips")
     metrics = {"epoch": epoch, "step": run.step, **{f"train_{k}": v / n for k, v in sums.items()},
                "epoch_seconds": seconds, "clips_per_s": clips * run.world / max(seconds, 1e-9),
                "dev_uar": _dev_uar(run.student, run), "ema_dev_uar": _dev_uar(run.ema.model, run) if run.ema else None,
-               "refusing": refusing, "attempt_start_epoch": run.start_epoch}
+               "online_fusion": online_fusion, "attempt_start_epoch": run.start_epoch}
     if run.ema is not None:
         # the decay the warm-up actually applied at the epoch's last step, beside the configured α
         metrics["ema_alpha"] = ema_decay_at(max(run.step - 1, 0), run.ema.alpha)
@@ -290,45 +290,53 @@ def _consistency(run: _Run, clean, lengths, student_logits, ema_probs=None) -> t
     return soft_label_kl(target, student_logits, keep), float(keep.mean())
 
 
-def _refusing(run: _Run, epoch: int) -> bool:
-    """Re-fuse from ``refuse_from_epoch``, and (with the gate) only while the EMA's dev UAR at the
+def _online_fusion_on(run: _Run, epoch: int) -> bool:
+    """Re-fuse from ``online_fusion_from_epoch``, and (with the gate) only while the EMA's dev UAR at the
     last epoch is at least the fused label's on the same clips: an EMA that is worse than the
     labels would only drag them down."""
     t, inp = run.inp.cfg.train, run.inp
-    if not (inp.mode.refuse and run.ema is not None and epoch >= t.refuse_from_epoch):
+    if not (inp.mode.online_fusion and run.ema is not None and epoch >= t.online_fusion_from_epoch):
         return False
-    if not t.refuse_gate or inp.fused_dev_uar is None or not run.history:
+    if not t.online_fusion_gate or inp.fused_dev_uar is None or not run.history:
         return True
     last = run.history[-1].get("ema_dev_uar")
     return last is not None and last >= inp.fused_dev_uar
 
 
-def _refused_q(run: _Run, clean, lengths, batch) -> tuple:
-    """q fused again with the EMA model in the source teacher's place (clean clip, K_EMA MC passes),
-    through the same fusion and fit as the labels; the EMA teacher and q are balanced with running
-    class means instead of the labelling split's."""
-    from ..models.mc import hashed_uniform, mc_seeds
-    from ..models.predict import mc_predict
+def _online_fused_q(run: _Run, clean, lengths, batch) -> tuple:
+    """q fused again with the EMA model in the source teacher's place (clean clip, K_EMA MC passes)
+    beside the other teachers' stored draws, through the same fusion and fit as the labels; the EMA
+    teacher and q are balanced with running class means instead of the labelling split's."""
+    from ..models.mc import hashed_uniform, mc_predict, mc_seeds
     t, device = run.inp.cfg.train, run.device
     clip_ids = list(batch["clip_id"])
     seeds = mc_seeds(t.seed + 7919 * run.step, clip_ids, t.ema_mc_passes).to(device)
     out = mc_predict(run.ema.model, clean, lengths, seeds, scope=t.ema_mc_scope, amp=t.amp)
     uniforms = hashed_uniform(seeds.reshape(-1), layer=-1, shape=(1,)).reshape(len(clip_ids), -1)
     C = out.probs.shape[-1]
-    lalm = teacher_stats(torch.as_tensor(np.asarray(batch["lalm_votes"]), device=device), C,
-                         torch.as_tensor(np.asarray(batch["lalm_soft"]), device=device))
     ema_teacher = teacher_stats(draw_labels(out.probs, uniforms), C, out.probs)
+    teachers = [ema_teacher if name == "source" else _stored_teacher(batch, name, C, device)
+                for name in teacher_names(batch)]
     fit = run.inp.fit or FusionFit()
     if fit.teacher_scales is not None:
         temperature = fit.temperatures[1] if fit.temperatures else 1.0
         run.balances["ema"].update(temper(ema_teacher.pbar, temperature))
-        fit = dataclasses.replace(fit, teacher_scales=[fit.teacher_scales[0], run.balances["ema"].scale()])
-    res = fuse([lalm, ema_teacher], fit=dataclasses.replace(fit, fused_scale=None), **fuse_kwargs(run.inp.fusion))
+        scales = list(fit.teacher_scales)
+        scales[1] = run.balances["ema"].scale()                 # index 1: the source model's slot
+        fit = dataclasses.replace(fit, teacher_scales=scales)
+    res = fuse(teachers, fit=dataclasses.replace(fit, fused_scale=None), **fuse_kwargs(run.inp.fusion))
     q = res.q
     if fit.fused_scale is not None:
         run.balances["fused"].update(q)
         q = rescale(q, run.balances["fused"].scale())
     return q, res.clip_weight, res.weights, out.det_probs
+
+
+def _stored_teacher(batch: dict, name: str, num_classes: int, device) -> TeacherStats:
+    """A teacher's statistics from the draws the training table carries for it."""
+    votes_col, probs_col = draw_columns(name)
+    return teacher_stats(torch.as_tensor(np.asarray(batch[votes_col]), device=device), num_classes,
+                         torch.as_tensor(np.asarray(batch[probs_col]), device=device))
 
 
 def _initial_balances(inp: LoopInputs) -> dict:
@@ -417,8 +425,8 @@ def mode_labels(cfg: MiFuseConfig, labels_table: pd.DataFrame, choice=None) -> t
 
 def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: FusionConfig,
                    fit: FusionFit | None) -> pd.DataFrame:
-    """Rows the student learns from: q fused with the mode's fusion, and the LALM draws for re-fusion."""
-    from ..fused_labels import stored_draws
+    """Rows the student learns from: q fused with the mode's fusion, and the draws of every teacher
+    but the source model (the EMA takes its place) for online re-fusion."""
     C = len(cfg.labels)
     ok = labels_table[labels_table["error"].isna()].reset_index(drop=True)
     fused = fusion_columns(ok, C, fusion, fit)
@@ -429,8 +437,10 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     table = ok.loc[valid, keep].copy()
     table["q"] = list(q[valid])
     table["clip_weight"] = fused["clip_weight"].to_numpy(np.float32)[valid]
-    table["lalm_votes"] = list(draws["lalm_votes"][valid])
-    table["lalm_soft"] = list(draws["lalm_soft"][valid])
+    for name, (votes, probs) in draws.items():
+        if name != "source":
+            votes_col, probs_col = draw_columns(name)
+            table[votes_col], table[probs_col] = list(votes[valid]), list(probs[valid])
     table["error"] = None
     return table.reset_index(drop=True)
 

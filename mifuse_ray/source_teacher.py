@@ -14,8 +14,7 @@ import torch
 from .data import pad_batch
 from .fusion import draw_labels
 from .models.base import load_model
-from .models.mc import hashed_uniform, mc_seeds
-from .models.predict import mc_predict
+from .models.mc import hashed_uniform, mc_predict, mc_seeds
 
 PAD_BUCKET_S = 0.5
 
@@ -28,13 +27,15 @@ def vote_uniforms(seed: int, clip_ids, passes: int) -> np.ndarray:
 
 class SourceTeacherStage:
     def __init__(self, checkpoint: str, mc_passes: int = 10, scope: str = "full", seed: int = 0,
-                 dropout_override: float | None = None, amp: bool = True, labels=None, keep_audio: bool = True):
+                 dropout_override: float | None = None, amp: bool = True, labels=None, keep_audio: bool = True,
+                 name: str = "source"):
         self.model = load_model(checkpoint, labels=labels)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.K, self.scope, self.seed = mc_passes, scope, seed
         self.p_override, self.amp, self.keep_audio = dropout_override, amp, keep_audio
         self.bucket = int(PAD_BUCKET_S * self.model.sample_rate)
+        self.name = name        # the teacher's column prefix; only the source model ("source") adds embeddings
 
     def predict(self, clip_ids, audio_list) -> dict[str, np.ndarray]:
         """Predictions for valid clips, grouped by padded length (batch-independent results)."""
@@ -71,7 +72,9 @@ class SourceTeacherStage:
                 probs[i] = res["probs"][j].tolist()
                 votes[i] = res["votes"][j].tolist()
                 emb[i] = res["emb"][j].tolist()
-        batch["source_det"], batch["source_probs"], batch["source_votes"], batch["embedding"] = det, probs, votes, emb
+        batch[f"{self.name}_det"], batch[f"{self.name}_probs"], batch[f"{self.name}_votes"] = det, probs, votes
+        if self.name == "source":
+            batch["embedding"] = emb
         if not self.keep_audio:
             batch = batch.drop(columns=["audio"])
         return batch
