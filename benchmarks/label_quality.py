@@ -100,7 +100,7 @@ def main():
 
 def write_markdown(df: pd.DataFrame, out: str, cfg) -> None:
     from mifuse_ray.report import markdown_table
-    lines = [f"# Fused-label UAR by fusion variant (N = {cfg.fusion.lalm_answers}, K = {cfg.fusion.source_passes}; "
+    lines = [f"# Fused-label UAR by fusion variant (N = {cfg.fusion.lalm_answers_used}, K = {cfg.fusion.source_passes_used}; "
              "fitted on the adaptation split, calibrated and chosen on half the dev split)", ""]
     for group, gdf in df.groupby("domains", sort=False):
         wide = gdf.pivot_table(index="variant", columns="split", values="uar", aggfunc="mean")

@@ -61,7 +61,7 @@ def run_sequential(url, wavs):
     from mifuse_ray.lalm.client import LALMClient, resolve
 
     async def go():
-        async with LALMClient(resolve(LALMConfig(n_answers=1), DEFAULT_LABELS, url), None) as client:
+        async with LALMClient(resolve(LALMConfig(answers_per_clip=1), DEFAULT_LABELS, url), None) as client:
             for w in wavs:
                 await client.ask(w, 1)
     asyncio.run(go())
@@ -102,7 +102,7 @@ def run_mifuse_stage(url, wavs, concurrency, batch, batches_in_flight):
     from mifuse_ray.lalm.stage import add_lalm_stage
     audio = [sf.read(io.BytesIO(w), dtype="float32")[0] for w in wavs]
     df = pd.DataFrame({"clip_id": [str(i) for i in range(len(wavs))], "audio": audio, "error": [None] * len(wavs)})
-    cfg = LALMConfig(n_answers=1, concurrency=concurrency, batch_size=batch, batches_in_flight=batches_in_flight)
+    cfg = LALMConfig(answers_per_clip=1, concurrency=concurrency, batch_size=batch, batches_in_flight=batches_in_flight)
     ds = ray.data.from_pandas(df).repartition(max(1, len(df) // batch))
     return add_lalm_stage(ds, cfg, DEFAULT_LABELS, url, cache_dir="").materialize().count()
 

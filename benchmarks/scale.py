@@ -139,7 +139,7 @@ def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> fl
     from mifuse_ray.source_teacher import SourceTeacherStage
     torch.set_num_threads(os.cpu_count() or 1)
     decoded = decode_locally(df.head(clips), cfg.audio)
-    stage = SourceTeacherStage(checkpoint, mc_passes=cfg.source.mc_passes, scope=cfg.source.mc_scope,
+    stage = SourceTeacherStage(checkpoint, passes_per_clip=cfg.source.passes_per_clip, scope=cfg.source.mc_scope,
                                seed=cfg.source.seed, amp=cfg.source.amp, labels=cfg.labels)
     bs = cfg.source.batch_size
     ids, audio = list(decoded["clip_id"]), list(decoded["audio"])
@@ -206,7 +206,7 @@ def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
     finally:
         ray.shutdown()
     rate = n / seconds
-    settings = (f"K={cfg.source.mc_passes} scope={cfg.source.mc_scope} N={cfg.lalm.n_answers} stand-in benchmark mode"
+    settings = (f"K={cfg.source.passes_per_clip} scope={cfg.source.mc_scope} N={cfg.lalm.answers_per_clip} stand-in benchmark mode"
                 if stage == "labeling" else f"batch={cfg.train.batch_size} workers={cfg.train.num_workers} "
                 f"mode={cfg.train.mode} ingest={cfg.train.ingest}, wall {wall:.0f} s incl. Train start-up")
     return {"n_clips": n, "stage": stage, "clips_per_s": round(rate, 2), "peak_rss_mb": round(mem.peaks["cluster"]),

@@ -23,15 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ("acted_studio", "call_centre", "podcast")
 # The main cells fuse N = 5 of the 10 stored answers and K = 10 of the 20 MC passes; an ablation value
 # equal to the main setting (or to the default, for the EMA decay and the uncertainty) is the main cell.
-MAIN_SETTINGS = {"fusion.lalm_answers": 5, "fusion.source_passes": 10}
+MAIN_SETTINGS = {"fusion.lalm_answers_used": 5, "fusion.source_passes_used": 10}
 # Each ablation is a list of runs; a run is one (key, value) or a tuple of them changed together.
 ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balance_fused", "none"))],
              "consistency": [("train.consistency_weight", 0.0)],
              "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
-             "n": [("fusion.lalm_answers", v) for v in (1, 3, 5, 10)],
-             "k": [("fusion.source_passes", v) for v in (1, 5, 10, 20)],
+             "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
+             "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],
              # The main setting once more (max_failures acts only when a worker dies): the gap between a
              # cell and its repeat is the run-to-run noise at a fixed seed that every ablation carries.
              "repeat": [("train.max_failures", 3)]}
@@ -74,7 +74,7 @@ def cell_config(source, target, seed, out, out_root, scale):
         from mifuse_ray.inputs import demo_paths
         _, cfg.source.checkpoint = demo_paths(cfg)
         cfg.target = ensure_domain(HELDOUT_DOMAINS[target], root, scale)
-    cfg.lalm.n_answers, cfg.source.mc_passes = 10, 20
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 10, 20
     cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
     return apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS})
 

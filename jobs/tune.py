@@ -26,8 +26,8 @@ def run() -> None:
         with open(args.space) as fh:
             space = yaml.safe_load(fh)
     # Ask the LALM once, for the largest N any trial will use; likewise K.
-    cfg.lalm.n_answers = max(cfg.lalm.n_answers, largest_answers(space, "fusion.lalm_answers", cfg.lalm.n_answers))
-    cfg.source.mc_passes = max(cfg.source.mc_passes, largest_answers(space, "fusion.source_passes", cfg.source.mc_passes))
+    cfg.lalm.answers_per_clip = max(cfg.lalm.answers_per_clip, largest_answers(space, "fusion.lalm_answers_used", cfg.lalm.answers_per_clip))
+    cfg.source.passes_per_clip = max(cfg.source.passes_per_clip, largest_answers(space, "fusion.source_passes_used", cfg.source.passes_per_clip))
     inputs = prepare(cfg)
     with lalm_endpoint(cfg) as url:
         check_lalm(cfg, url)

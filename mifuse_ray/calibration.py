@@ -116,7 +116,7 @@ def dev_half(dev: pd.DataFrame | None, fusion_cfg, labels) -> DevHalf | None:
     y = _truth(half, labels)
     temperatures = None
     if fusion_cfg.calibrate:
-        temperatures = fit_temperatures(teachers_of(half, C, fusion_cfg.lalm_answers, fusion_cfg.source_passes), y)
+        temperatures = fit_temperatures(teachers_of(half, C, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used), y)
     return DevHalf(half, y, temperatures)
 
 

@@ -12,7 +12,7 @@ from .config import ConfigError, MiFuseConfig, add_config_arguments, config_from
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, epilog="Any config field can be set as --section.name VALUE "
-                                "(e.g. --lalm.n_answers 5 --train.epochs 8); see README 'Configuration'.")
+                                "(e.g. --lalm.answers_per_clip 5 --train.epochs 8); see README 'Configuration'.")
     p.add_argument("--config", help="YAML file with settings (dotted names as nested mappings)")
     add_config_arguments(p)
     return p

@@ -1,7 +1,7 @@
 """Typed configuration: one tree of dataclasses, the same dotted names everywhere.
 
-``lalm.n_answers`` is the same key on the command line (``--lalm.n_answers 5``), in YAML
-(``lalm: {n_answers: 5}``) and in a Tune search space (``{"lalm.n_answers": tune.choice(...)}``).
+``lalm.answers_per_clip`` is the same key on the command line (``--lalm.answers_per_clip 5``), in YAML
+(``lalm: {answers_per_clip: 5}``) and in a Tune search space (``{"lalm.answers_per_clip": tune.choice(...)}``).
 Defaults run the built-in demo.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LALMConfig:
     model: str = ""                     # empty: the preset's model
     api_key_env: str = "MIFUSE_LALM_API_KEY"  # name of the environment variable holding the key
     allow_remote_audio: bool = False    # sending audio to a non-loopback host needs this opt-in
-    n_answers: int = 5                  # N_max answers per clip, all stored
+    answers_per_clip: int = 5           # N_max answers per clip, all stored
     temperature: float = 1.0
     use_n: bool | None = None           # one request with n=N; None: the preset decides
     logprobs: bool | None = None        # ask for token logprobs; None: the preset decides
@@ -86,7 +86,7 @@ class SourceConfig:
 
     checkpoint: str = ""                # empty: the demo source model (trained if missing)
     extra_checkpoints: tuple[str, ...] = ()   # more source models, teachers source2, source3, … (same K, scope)
-    mc_passes: int = 10                 # K_max passes, all stored
+    passes_per_clip: int = 10           # K_max passes, all stored
     mc_scope: Literal["full", "head"] = "full"   # see README
     dropout_override: float | None = None
     seed: int = 4321
@@ -105,8 +105,8 @@ class FusionConfig:
     the MI-Fuse paper's own fusion is ``weighting: exp, balance_teachers: none, balance_fused:
     none, calibrate: false, select_on_dev: false`` (the named variant ``mifuse_paper``)."""
 
-    lalm_answers: int = 0               # N ≤ N_max used (0: all)
-    source_passes: int = 0              # K ≤ K_max used (0: all)
+    lalm_answers_used: int = 0          # N ≤ N_max used (0: all)
+    source_passes_used: int = 0         # K ≤ K_max used (0: all)
     uncertainty: Literal["vote_entropy", "mi", "entropy"] = "vote_entropy"
     # exp: the paper's w ∝ exp(-U/τ); dev: one global weight per teacher fitted on the dev split
     weighting: Literal["exp", "inverse", "equal", "fixed", "dev"] = "dev"
@@ -145,9 +145,9 @@ class TrainConfig:
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
-    online_fusion_from_epoch: int = 2          # from this epoch the EMA model may be the auxiliary teacher ...
-    online_fusion_gate: bool = True            # ... once its dev UAR passes the fused label's (when a dev split exists)
-    ema_mc_passes: int = 4
+    online_fusion_from_epoch: int = 2   # from this epoch the EMA model may be the auxiliary teacher ...
+    online_fusion_gate: bool = True     # ... once its dev UAR passes the fused label's (when a dev split exists)
+    ema_passes_per_clip: int = 4        # MC passes of the EMA teacher when it is fused online
     ema_mc_scope: Literal["head", "full"] = "head"
     select: Literal["final", "smoothed_dev"] = "final"   # the final EMA (or student), or the best 3-epoch dev mean
     num_workers: int = 1
@@ -343,13 +343,13 @@ def validate(cfg: MiFuseConfig) -> None:
     """Choice fields against their ``Literal`` choices, then the numeric ranges."""
     from .fusion import VARIANTS
     checks = [(not errors, errors[0] if errors else "") for errors in [_literal_errors(cfg)]] + [
-        (cfg.lalm.n_answers >= 1, "lalm.n_answers must be ≥ 1"),
+        (cfg.lalm.answers_per_clip >= 1, "lalm.answers_per_clip must be ≥ 1"),
         (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),
-        (cfg.source.mc_passes >= 1, "source.mc_passes must be ≥ 1"),
-        (0 <= cfg.fusion.lalm_answers <= cfg.lalm.n_answers,
-         "fusion.lalm_answers must be between 0 (all) and lalm.n_answers"),
-        (0 <= cfg.fusion.source_passes <= cfg.source.mc_passes,
-         "fusion.source_passes must be between 0 (all) and source.mc_passes"),
+        (cfg.source.passes_per_clip >= 1, "source.passes_per_clip must be ≥ 1"),
+        (0 <= cfg.fusion.lalm_answers_used <= cfg.lalm.answers_per_clip,
+         "fusion.lalm_answers_used must be between 0 (all) and lalm.answers_per_clip"),
+        (0 <= cfg.fusion.source_passes_used <= cfg.source.passes_per_clip,
+         "fusion.source_passes_used must be between 0 (all) and source.passes_per_clip"),
         (cfg.fusion.tau > 0, "fusion.tau must be > 0"),
         (all(c in VARIANTS for c in cfg.fusion.candidates),
          f"fusion.candidates must name fusion variants: {', '.join(VARIANTS)}"),

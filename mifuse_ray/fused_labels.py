@@ -35,7 +35,7 @@ def draw_columns(name: str) -> tuple[str, str]:
     return f"{name}_votes", ("lalm_soft" if name == LALM else f"{name}_probs")
 
 
-def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> dict:
+def stored_draws(df: pd.DataFrame, num_classes: int, answers_per_clip: int = 0, passes_per_clip: int = 0) -> dict:
     """{teacher: (votes (B, n), distributions (B, n, C))}: the first N LALM answers and K MC passes
     of every source-model teacher per clip (0 = all stored)."""
     out = {}
@@ -43,7 +43,7 @@ def stored_draws(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_pass
         votes_col, probs_col = draw_columns(name)
         votes = _stack_lists(df[votes_col], fill=-1)
         probs = _stack_lists(df[probs_col], fill=np.nan, inner=num_classes)
-        n = (n_answers if name == LALM else mc_passes) or votes.shape[1]
+        n = (answers_per_clip if name == LALM else passes_per_clip) or votes.shape[1]
         out[name] = (votes[:, :n].reshape(len(df), -1), probs[:, :n].reshape(len(df), -1, num_classes))
     return out
 
@@ -61,10 +61,10 @@ def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
     return out
 
 
-def teachers_of(df: pd.DataFrame, num_classes: int, n_answers: int = 0, mc_passes: int = 0) -> list:
+def teachers_of(df: pd.DataFrame, num_classes: int, answers_per_clip: int = 0, passes_per_clip: int = 0) -> list:
     """Every teacher's statistics, in ``teacher_names`` order, from a table's stored draws."""
     return [teacher_stats(votes, num_classes, probs)
-            for votes, probs in stored_draws(df, num_classes, n_answers, mc_passes).values()]
+            for votes, probs in stored_draws(df, num_classes, answers_per_clip, passes_per_clip).values()]
 
 
 def fuse_kwargs(fusion_cfg) -> dict:
@@ -102,7 +102,7 @@ def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None) -> Fusio
         for frame in frames():
             ok = frame[frame["error"].isna()] if "error" in frame else frame
             if len(ok):
-                yield teachers_of(ok, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
+                yield teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
     prior = fusion_prior(fusion_cfg, num_classes, batches)
     return fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
                       balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
@@ -117,7 +117,7 @@ def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFi
     """The fusion map stage: per-teacher p̄ (as fused) and uncertainties, weights, q, argmax, status."""
     out = df.copy()
     names = teacher_names(df)
-    teachers = teachers_of(df, num_classes, fusion_cfg.lalm_answers, fusion_cfg.source_passes)
+    teachers = teachers_of(df, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
     res = fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg))
     for name, t, pbar in zip(names, teachers, corrected_pbars(teachers, fit)):
         out[f"{name}_n"] = np.asarray(t.n)

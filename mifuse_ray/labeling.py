@@ -72,7 +72,7 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
         last = i == len(checkpoints) - 1
         ds = ds.map_batches(
             SourceTeacherStage, batch_format="pandas", batch_size=src.batch_size,
-            fn_constructor_kwargs=dict(checkpoint=os.path.abspath(checkpoint), mc_passes=src.mc_passes,
+            fn_constructor_kwargs=dict(checkpoint=os.path.abspath(checkpoint), passes_per_clip=src.passes_per_clip,
                                        scope=src.mc_scope, seed=src.seed + 1000 * i, dropout_override=src.dropout_override,
                                        amp=src.amp, labels=cfg.labels, keep_audio=everyone or not last,
                                        name="source" if i == 0 else f"source{i + 1}"),
@@ -180,11 +180,11 @@ def estimate_spend(cfg: MiFuseConfig, target_df: pd.DataFrame) -> dict:
     from .lalm.client import PRESETS
     preset = PRESETS.get(cfg.lalm.preset)
     use_n = preset.supports_n if cfg.lalm.use_n is None and preset else bool(cfg.lalm.use_n)
-    per_clip = 1 if use_n else cfg.lalm.n_answers
+    per_clip = 1 if use_n else cfg.lalm.answers_per_clip
     seconds = float(target_df["duration_s"].fillna(0).mean()) if "duration_s" in target_df and clips else 0.0
     requests = asked * per_clip
     cost = requests * cfg.lalm.usd_per_request + requests * seconds / 60 * cfg.lalm.usd_per_audio_minute
-    return {"clips": clips, "clips_asked": asked, "requests": requests, "answers": asked * cfg.lalm.n_answers,
+    return {"clips": clips, "clips_asked": asked, "requests": requests, "answers": asked * cfg.lalm.answers_per_clip,
             "audio_seconds_sent": requests * seconds, "estimated_usd": cost}
 
 

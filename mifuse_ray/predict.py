@@ -24,7 +24,7 @@ def predict_decoded(ds, model_dir: str, cfg: MiFuseConfig) -> pd.DataFrame:
     """Predictions (label, distribution, confidence) for a Ray Dataset of decoded clips."""
     import ray.data
     out = ds.map_batches(_Predictor, batch_format="pandas", batch_size=cfg.source.batch_size,
-                         fn_constructor_kwargs=dict(checkpoint=model_dir, mc_passes=0, amp=cfg.source.amp),
+                         fn_constructor_kwargs=dict(checkpoint=model_dir, passes_per_clip=0, amp=cfg.source.amp),
                          compute=ray.data.ActorPoolStrategy(size=cfg.source.num_actors),
                          num_cpus=cfg.source.actor_cpus, num_gpus=cfg.source.num_gpus or None)
     frames = list(out.iter_batches(batch_format="pandas", batch_size=None))

@@ -205,8 +205,8 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
         if results.get("selection") else pd.DataFrame()
     lines = ["# MI-Fuse adaptation report", "", *verdict_lines(results, len(cfg.labels)), "",
              f"Target: `{cfg.target or f'demo {cfg.demo.source_domain} → {cfg.demo.target_domain}'}` · "
-             f"labels: {', '.join(cfg.labels)} · LALM answers N = {cfg.lalm.n_answers} · MC passes K = "
-             f"{cfg.source.mc_passes} ({cfg.source.mc_scope} scope)", "",
+             f"labels: {', '.join(cfg.labels)} · LALM answers N = {cfg.lalm.answers_per_clip} · MC passes K = "
+             f"{cfg.source.passes_per_clip} ({cfg.source.mc_scope} scope)", "",
              "## Test-split accuracy", "",
              "`source_only` is the source model, `lalm_zero_shot` the argmax of the LALM's mean answer, "
              "`fused_label` the soft label itself (no training); `<run>_student` / `<run>_ema` the trained models "

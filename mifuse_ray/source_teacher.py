@@ -26,13 +26,13 @@ def vote_uniforms(seed: int, clip_ids, passes: int) -> np.ndarray:
 
 
 class SourceTeacherStage:
-    def __init__(self, checkpoint: str, mc_passes: int = 10, scope: str = "full", seed: int = 0,
+    def __init__(self, checkpoint: str, passes_per_clip: int = 10, scope: str = "full", seed: int = 0,
                  dropout_override: float | None = None, amp: bool = True, labels=None, keep_audio: bool = True,
                  name: str = "source"):
         self.model = load_model(checkpoint, labels=labels)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.K, self.scope, self.seed = mc_passes, scope, seed
+        self.K, self.scope, self.seed = passes_per_clip, scope, seed
         self.p_override, self.amp, self.keep_audio = dropout_override, amp, keep_audio
         self.bucket = int(PAD_BUCKET_S * self.model.sample_rate)
         self.name = name        # the teacher's column prefix; only the source model ("source") adds embeddings

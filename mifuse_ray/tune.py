@@ -12,8 +12,8 @@ import os
 from .config import ConfigError, MiFuseConfig, apply_overrides
 
 DEFAULT_SPACE = {
-    "fusion.lalm_answers": ("choice", [1, 3, 5]),
-    "fusion.source_passes": ("choice", [1, 5, 10]),
+    "fusion.lalm_answers_used": ("choice", [1, 3, 5]),
+    "fusion.source_passes_used": ("choice", [1, 5, 10]),
     "train.ema_decay": ("choice", [0.99, 0.995, 0.999]),
     "fusion.tau": ("loguniform", [0.1, 2.0]),
     "train.lambda_div": ("uniform", [0.0, 2.0]),

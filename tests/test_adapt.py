@@ -23,7 +23,7 @@ def run_job(args, env_extra=None, timeout=900):
 def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adapt"))
     args = ["--target", os.path.join(demo_root, "call_centre", "manifest.parquet"), "--source.checkpoint",
-            source_model, "--output", out, "--lalm.n_answers", "3", "--source.mc_passes", "4", "--train.epochs", "2",
+            source_model, "--output", out, "--lalm.answers_per_clip", "3", "--source.passes_per_clip", "4", "--train.epochs", "2",
             "--train.online_fusion_from_epoch", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"]
     first = run_job(args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_api_key_never_written(adapt_run):
     (["--lalm.preset", "openai", "--lalm.allow_remote_audio", "true", "--lalm.api_key_env", "NO_SUCH_KEY",
       "--source.checkpoint", "{model}", "--target", "{target}"], "NO_SUCH_KEY"),
     (["--output", "/proc/not_writable"], "not writable"),
-    (["--lalm.n_answers", "0"], "lalm.n_answers"),
+    (["--lalm.answers_per_clip", "0"], "lalm.answers_per_clip"),
     (["--no.such_key", "1"], "unrecognized arguments"),
 ])
 def test_user_errors_end_in_one_clear_message(ray_cluster, source_model, demo_root, tmp_path, args, message):
@@ -155,7 +155,7 @@ def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, tmp_pa
     out = str(tmp_path / "job")
     proc = subprocess.run(
         ["bash", "scripts/submit_demo_job.sh", "--target", os.path.join(demo_root, "podcast", "manifest.parquet"),
-         "--source.checkpoint", source_model, "--output", out, "--lalm.n_answers", "2", "--source.mc_passes", "2",
+         "--source.checkpoint", source_model, "--output", out, "--lalm.answers_per_clip", "2", "--source.passes_per_clip", "2",
          "--train.epochs", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
         env={**os.environ, "RAY_DASHBOARD": ray_cluster["dashboard"], "PATH": os.environ.get("PATH", "")})
@@ -170,12 +170,12 @@ def test_tune_two_trials(adapt_run, source_model, demo_root):
     from mifuse_ray.tune import run_tune
     out, _, _ = adapt_run
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
     cfg.train.epochs, cfg.train.cpus_per_worker, cfg.audio.train_crop_s = 2, 0.5, 1.0
     labels = pd.read_parquet(os.path.join(out, "labels", "labels.parquet"))
     dev = labelled_split(os.path.join(demo_root, "call_centre", "manifest.parquet"), "dev", cfg.labels).head(24)
-    space = {"fusion.lalm_answers": ["grid", [1, 3]], "fusion.tau": ["choice", [0.5]]}
+    space = {"fusion.lalm_answers_used": ["grid", [1, 3]], "fusion.tau": ["choice", [0.5]]}
     table, best = run_tune(cfg, labels, dev, source_model, out, space, num_samples=1, max_concurrent=2)
-    assert len(table) == 2 and set(table["config/fusion.lalm_answers"]) == {1, 3}
+    assert len(table) == 2 and set(table["config/fusion.lalm_answers_used"]) == {1, 3}
     assert os.path.exists(os.path.join(out, "tune_results.csv")) and os.path.exists(os.path.join(out, "best_config.json"))
     assert 0 <= best.metrics["final_dev_uar"] <= 1

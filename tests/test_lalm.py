@@ -62,7 +62,7 @@ def test_logprob_distribution():
 def test_n_answers_cached_and_rerun_sends_nothing(tmp_path):
     with BackgroundServer(ServerConfig(latency_s=0.01)) as server:
         clips = [clip(i) for i in range(6)]
-        cfg = LALMConfig(n_answers=5, seed=3)
+        cfg = LALMConfig(answers_per_clip=5, seed=3)
         results, client = run(ask_all(server.url, cfg, clips, 5, str(tmp_path / "cache")))
         assert all(len(r.votes) == 5 and all(v >= 0 for v in r.votes) for r in results)
         assert all(len(s) == 4 for r in results for s in r.soft)                  # logprobs → distributions
@@ -78,7 +78,7 @@ def test_n_answers_cached_and_rerun_sends_nothing(tmp_path):
 
 def test_without_n_support_seeds_differ_per_answer(tmp_path):
     with BackgroundServer(ServerConfig(supports_n=False)) as server:
-        cfg = LALMConfig(n_answers=6, use_n=False, temperature=2.0)
+        cfg = LALMConfig(answers_per_clip=6, use_n=False, temperature=2.0)
         (res,), _ = run(ask_all(server.url, cfg, [clip(1)], 6, str(tmp_path / "c")))
         assert server.stats["requests"] == 6
         assert len(set(res.raw)) > 1

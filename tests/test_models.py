@@ -63,7 +63,7 @@ def test_full_scope_batched_equals_loop_and_head_scope_runs():
 def test_source_stage_results_do_not_depend_on_batching(tmp_path):
     torch.manual_seed(0)
     LogMelCNN().save(str(tmp_path / "m"))
-    stage = SourceTeacherStage(str(tmp_path / "m"), mc_passes=6, scope="full", seed=5)
+    stage = SourceTeacherStage(str(tmp_path / "m"), passes_per_clip=6, scope="full", seed=5)
     rng = np.random.default_rng(0)
     audio = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in (1.0, 1.7, 0.6, 2.2)]
     ids = ["w", "x", "y", "z"]

@@ -69,7 +69,7 @@ def test_a_lost_node_costs_no_clip_and_no_answer_twice_then_ddp_across_nodes(dem
         checkpoint = _untrained_source(os.path.join(shared, "source"))
         clips = list_inputs(os.path.join(demo_root, "call_centre", "manifest.parquet"), split="adapt")
         cfg = MiFuseConfig()
-        cfg.source.mc_passes, cfg.source.batch_size, cfg.source.num_actors = 4, 8, 2
+        cfg.source.passes_per_clip, cfg.source.batch_size, cfg.source.num_actors = 4, 8, 2
         cfg.lalm.batch_size, cfg.lalm.num_actors, cfg.lalm.concurrency = 8, 2, 4
         cfg.lalm.cache_dir = os.path.join(shared, "lalm_cache")
         cfg.lalm.qps = 500.0          # not binding; the limiter actor must sit on the head and outlive the lost node

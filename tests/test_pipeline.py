@@ -49,7 +49,7 @@ def test_manifest_schema_and_speaker_disjoint_splits(demo_root):
 
 def test_demo_domains_are_a_real_shift(source_model, demo_root):
     """The source model (trained on acted_studio) loses accuracy on the other domains."""
-    stage = SourceTeacherStage(source_model, mc_passes=0)
+    stage = SourceTeacherStage(source_model, passes_per_clip=0)
     scores = {}
     for domain in ("acted_studio", "call_centre", "podcast"):
         df = decode_locally(labelled_split(os.path.join(demo_root, domain, "manifest.parquet"), "test",
@@ -73,7 +73,7 @@ def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_roo
                                                                               str(bad / "quiet.wav")]})],
                    ignore_index=True)
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes = 4, 6
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 4, 6
     cfg.lalm.cache_dir = str(tmp_path / "cache")
     with BackgroundServer(ServerConfig()) as server:
         res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
@@ -106,10 +106,10 @@ def test_reused_labels_follow_this_runs_fusion(ray_cluster, source_model, demo_r
     def label(cfg, *_):
         return label_splits(cfg, inputs, out, server.url)[0]["adapt"]
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
     cfg.lalm.cache_dir = str(tmp_path / "cache")
     single_draw = copy.deepcopy(cfg)
-    single_draw.fusion.lalm_answers, single_draw.fusion.source_passes = 1, 1
+    single_draw.fusion.lalm_answers_used, single_draw.fusion.source_passes_used = 1, 1
     out = str(tmp_path / "out")
     with BackgroundServer(ServerConfig()) as server:
         first = label(cfg, df, out, source_model, server.url)
@@ -130,7 +130,7 @@ def test_spend_cap_stops_sending(ray_cluster, source_model, demo_root, tmp_path)
     from mifuse_ray.labeling import label_target
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(12)
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes, cfg.lalm.max_requests = 2, 2, 5
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.lalm.max_requests = 2, 2, 5
     cfg.lalm.cache_dir = str(tmp_path / "cache")
     with BackgroundServer(ServerConfig()) as server:
         res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
@@ -147,7 +147,7 @@ def test_lalm_budget_asks_only_the_selected_clips(ray_cluster, source_model, dem
     from mifuse_ray.selection import select_clips
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(24)
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes, cfg.lalm.budget = 2, 4, 0.25
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.lalm.budget = 2, 4, 0.25
     with BackgroundServer(ServerConfig()) as server:
         res = label_target(cfg, df, str(tmp_path / "out"), source_model, server.url)
         assert server.stats["answers"] == 6 * 2                       # 6 clips asked, 2 answers each

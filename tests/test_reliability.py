@@ -26,7 +26,7 @@ def wait_until_unchanged(read, quiet_s, timeout):
 
 def label_cmd(target, model, out, url, extra=()):
     return [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--target", target, "--source.checkpoint", model,
-            "--output", out, "--lalm.base_url", url, "--lalm.n_answers", "3", "--source.mc_passes", "4",
+            "--output", out, "--lalm.base_url", url, "--lalm.answers_per_clip", "3", "--source.passes_per_clip", "4",
             "--lalm.use_n", "false", *extra]
 
 

@@ -83,7 +83,7 @@ def test_a_third_teacher_through_labelling_and_training(ray_cluster, source_mode
     LogMelCNN().save(second)
     clips = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(40)
     cfg = MiFuseConfig()
-    cfg.source.mc_passes, cfg.lalm.n_answers = 3, 2
+    cfg.source.passes_per_clip, cfg.lalm.answers_per_clip = 3, 2
     cfg.source.extra_checkpoints = (second,)
     with BackgroundServer(ServerConfig(labels=tuple(cfg.labels))) as server:
         res = label_target(cfg, clips, str(tmp_path / "labels"), source_model, server.url)

@@ -50,7 +50,7 @@ def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
     from mifuse_ray.label_set import DEFAULT_LABELS
     target = os.path.join(demo_root, "call_centre", "manifest.parquet")
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
     out = str(tmp_path_factory.mktemp("labels"))
     with BackgroundServer(ServerConfig()) as server:
         res = label_target(cfg, list_inputs(target, split="adapt").head(48), out, source_model, server.url)
@@ -60,7 +60,7 @@ def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
 
 def tiny_cfg(**train):
     cfg = MiFuseConfig()
-    cfg.lalm.n_answers, cfg.source.mc_passes = 3, 4
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
     cfg.train.epochs, cfg.train.batch_size, cfg.train.online_fusion_from_epoch = 2, 8, 1
     cfg.train.cpus_per_worker = 0.5
     cfg.audio.train_crop_s = 1.0

@@ -272,17 +272,17 @@ class LALMClient:
                          top_logprobs=c.top_logprobs if self.lalm.logprobs else 0, max_tokens=c.max_tokens,
                          answer_index=index, mode="n" if self.lalm.supports_n else "single")
 
-    async def ask(self, wav_bytes: bytes, n_answers: int) -> ClipAnswers:
+    async def ask(self, wav_bytes: bytes, answers_per_clip: int) -> ClipAnswers:
         start = time.monotonic()
         audio_sha = hashlib.sha256(wav_bytes).hexdigest()
-        keys = [self._key(audio_sha, i) for i in range(n_answers)]
-        answers: list[Answer | None] = [None] * n_answers
+        keys = [self._key(audio_sha, i) for i in range(answers_per_clip)]
+        answers: list[Answer | None] = [None] * answers_per_clip
         if self.cache is not None:
             for i, key in enumerate(keys):
                 hit = self.cache.get(key)
                 if hit is not None:
                     answers[i] = Answer(hit.get("text"), hit.get("logprobs"), cached=True)
-        missing = [i for i in range(n_answers) if answers[i] is None]
+        missing = [i for i in range(answers_per_clip) if answers[i] is None]
         sent = 0
         if missing:
             audio_b64 = base64.b64encode(wav_bytes).decode()

@@ -44,7 +44,7 @@ class LALMStage:
 
     async def ask_batch(self, batch: pd.DataFrame) -> pd.DataFrame:
         client = await self._client()
-        n, C = self.cfg.n_answers, len(self.labels)
+        n, C = self.cfg.answers_per_clip, len(self.labels)
         ask = batch["lalm_asked"].to_numpy(bool) if "lalm_asked" in batch.columns else np.ones(len(batch), bool)
         ok = batch["error"].isna().to_numpy() & ask
 

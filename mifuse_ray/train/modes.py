@@ -14,7 +14,7 @@ class Mode:
     loss: str                # "soft_label": KL(q || p) + diversity; "information_max": SHOT's IM loss
     ema: bool                # keep an EMA teacher (it is the final model when kept)
     consistency: bool        # EMA teacher on the clean view → student on a strong view, confidence-masked
-    online_fusion: bool             # re-fuse q online with the EMA teacher in the source's place
+    online_fusion: bool      # re-fuse q online with the EMA teacher in the source's place
     frozen: tuple = ()       # parts kept fixed: "classifier" (SHOT keeps the source hypothesis)
     about: str = ""
 

@@ -310,7 +310,7 @@ def _online_fused_q(run: _Run, clean, lengths, batch) -> tuple:
     from ..models.mc import hashed_uniform, mc_predict, mc_seeds
     t, device = run.inp.cfg.train, run.device
     clip_ids = list(batch["clip_id"])
-    seeds = mc_seeds(t.seed + 7919 * run.step, clip_ids, t.ema_mc_passes).to(device)
+    seeds = mc_seeds(t.seed + 7919 * run.step, clip_ids, t.ema_passes_per_clip).to(device)
     out = mc_predict(run.ema.model, clean, lengths, seeds, scope=t.ema_mc_scope, amp=t.amp)
     uniforms = hashed_uniform(seeds.reshape(-1), layer=-1, shape=(1,)).reshape(len(clip_ids), -1)
     C = out.probs.shape[-1]
@@ -432,7 +432,7 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     fused = fusion_columns(ok, C, fusion, fit)
     q = np.stack(fused["q"]).astype(np.float32)
     valid = np.isfinite(q).all(1)
-    draws = stored_draws(ok, C, fusion.lalm_answers, fusion.source_passes)
+    draws = stored_draws(ok, C, fusion.lalm_answers_used, fusion.source_passes_used)
     keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id") if c in ok.columns]
     table = ok.loc[valid, keep].copy()
     table["q"] = list(q[valid])
