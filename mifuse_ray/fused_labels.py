@@ -35,7 +35,7 @@ def draw_columns(name: str) -> tuple[str, str]:
     return f"{name}_votes", ("lalm_soft" if name == LALM else f"{name}_probs")
 
 
-def stored_draws(df: pd.DataFrame, num_classes: int, answers_per_clip: int = 0, passes_per_clip: int = 0) -> dict:
+def stored_draws(df: pd.DataFrame, num_classes: int, answers_used: int = 0, passes_used: int = 0) -> dict:
     """{teacher: (votes (B, n), distributions (B, n, C))}: the first N LALM answers and K MC passes
     of every source-model teacher per clip (0 = all stored)."""
     out = {}
@@ -43,7 +43,7 @@ def stored_draws(df: pd.DataFrame, num_classes: int, answers_per_clip: int = 0, 
         votes_col, probs_col = draw_columns(name)
         votes = _stack_lists(df[votes_col], fill=-1)
         probs = _stack_lists(df[probs_col], fill=np.nan, inner=num_classes)
-        n = (answers_per_clip if name == LALM else passes_per_clip) or votes.shape[1]
+        n = (answers_used if name == LALM else passes_used) or votes.shape[1]
         out[name] = (votes[:, :n].reshape(len(df), -1), probs[:, :n].reshape(len(df), -1, num_classes))
     return out
 
@@ -61,10 +61,10 @@ def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
     return out
 
 
-def teachers_of(df: pd.DataFrame, num_classes: int, answers_per_clip: int = 0, passes_per_clip: int = 0) -> list:
+def teachers_of(df: pd.DataFrame, num_classes: int, answers_used: int = 0, passes_used: int = 0) -> list:
     """Every teacher's statistics, in ``teacher_names`` order, from a table's stored draws."""
     return [teacher_stats(votes, num_classes, probs)
-            for votes, probs in stored_draws(df, num_classes, answers_per_clip, passes_per_clip).values()]
+            for votes, probs in stored_draws(df, num_classes, answers_used, passes_used).values()]
 
 
 def fuse_kwargs(fusion_cfg) -> dict:

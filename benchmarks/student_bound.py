@@ -1,0 +1,146 @@
+"""How far can the student get? The student's test UAR on each transfer when it learns the
+adaptation split's ground truth (an oracle only the demo has), beside the same student on the fused
+labels it really gets, and the fused label's and the LALM's own test UAR.
+
+    python benchmarks/student_bound.py [--transfers podcast:call_centre ...] [--epochs 16 48]
+        [--out benchmarks/results/student_bound]
+
+Both students use the `lalm_labels` recipe (fixed soft labels, KL + diversity, no EMA, no
+consistency): only the labels differ. For the oracle, every stored LALM answer is replaced by the
+clip's true class, so `lalm_labels` learns one-hot truth. If the oracle student stays below the
+fused label's test UAR, no recipe that only learns from labels on these clips can pass the labels
+by much: the student and the amount of target audio limit it, not the labels.
+
+Resumable: one CSV row per (transfer, labels, epochs, seed), skipped when present. The labels are the
+six-transfer benchmark's seed-0 cells (`benchmarks/transfers.py`), labelled here if missing.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from transfers import DOMAINS, cell_config, label_cell  # noqa: E402
+
+COLUMNS = ["transfer", "labels", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
+           "lalm_test_uar", "train_label_uar", "clips", "seconds"]
+
+
+def oracle_table(table: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """The labels table with every LALM answer replaced by the clip's true class."""
+    out = table.copy()
+    truth = [labels.index(v) for v in out["oracle_label"]]
+    out["lalm_votes"] = [np.full(len(v), t) for v, t in zip(out["lalm_votes"], truth)]
+    out["lalm_soft"] = [np.stack([np.eye(len(labels))[t]] * len(v)) for v, t in zip(out["lalm_votes"], truth)]
+    out["lalm_error"] = None
+    return out
+
+
+def test_uar(cfg, test_df: pd.DataFrame, model_dir: str) -> float:
+    from mifuse_ray.data import training_clips
+    from mifuse_ray.metrics import uar
+    from mifuse_ray.predict import predict_decoded
+    pred = predict_decoded(training_clips(test_df, cfg.audio), model_dir, cfg)
+    truth = dict(zip(test_df["clip_id"], test_df["label_index"]))
+    y = np.array([truth[c] for c in pred["clip_id"]])
+    return uar(y, np.array([cfg.labels.index(v) for v in pred["pred"]]), len(cfg.labels))
+
+
+def teacher_uar(table: pd.DataFrame, column: str, labels: list[str]) -> float:
+    from mifuse_ray.metrics import uar
+    y = np.array([labels.index(v) for v in table["label"]])
+    pred = table[column].to_numpy()
+    return uar(y, np.where(pred >= 0, pred, (y + 1) % len(labels)), len(labels))
+
+
+def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed, rows):
+    from mifuse_ray.api import resolve_inputs
+    from mifuse_ray.calibration import dev_halves
+    from mifuse_ray.metrics import uar
+    from mifuse_ray.train.student import mode_labels, train_student, training_table
+    transfer = f"{source}→{target}"
+    todo = [(lab, ep) for lab in ("oracle", "fused") for ep in epochs_list
+            if not ((rows["transfer"] == transfer) & (rows["labels"] == lab) & (rows["epochs"] == ep)
+                    & (rows["seed"] == seed)).any()]
+    if not todo:
+        return rows
+    split_labels, choice = label_cell(source, target, bench_root, scale)
+    cfg = cell_config(source, target, seed, os.path.join(out_root, "runs", f"{source}__{target}"), bench_root, scale)
+    inputs = resolve_inputs(cfg)
+    student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]].reset_index(drop=True)
+    fused_uar, lalm_uar = (teacher_uar(split_labels["test"].table, c, cfg.labels) for c in ("fused_pred", "lalm_pred"))
+    adapt = split_labels["adapt"].table
+    adapt = adapt[adapt["error"].isna()].reset_index(drop=True)
+    y = np.array([cfg.labels.index(v) for v in adapt["oracle_label"]])
+    for lab, ep in todo:
+        # oracle: lalm_labels learns the replaced answers; fused: no_ema learns the dev-chosen fusion.
+        # Both are fixed soft labels with KL + diversity, no EMA, no consistency.
+        table = oracle_table(adapt, cfg.labels) if lab == "oracle" else adapt
+        mode = "lalm_labels" if lab == "oracle" else "no_ema"
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode, epochs=ep, seed=seed))
+        q = np.stack(training_table(table, run_cfg, *mode_labels(run_cfg, table, choice))["q"])
+        t = time.time()
+        res = train_student(run_cfg, table, student_dev, inputs.source_checkpoint, cfg.output,
+                            run_name=f"{lab}_e{ep}_s{seed}", choice=choice)
+        row = {"transfer": transfer, "labels": lab, "epochs": ep, "seed": seed,
+               "student_test_uar": test_uar(cfg, inputs.test_df, res.student_dir),
+               "student_dev_uar": res.best_metrics.get("dev_uar"), "fused_label_test_uar": fused_uar,
+               "lalm_test_uar": lalm_uar, "train_label_uar": uar(y, q.argmax(1), len(cfg.labels)), "clips": len(table),
+               "seconds": time.time() - t}
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
+        rows.to_csv(os.path.join(out_root, "student_bound.csv"), index=False)
+    return rows
+
+
+def summarize(rows: pd.DataFrame, out_root: str, command: str) -> None:
+    from scale import commit, machine
+    lines = ["# The student's ceiling: ground-truth labels vs fused labels (test UAR)", "",
+             f"`{command}` on {machine()}, commit {commit()}.", "",
+             "Student recipe `lalm_labels` (fixed soft labels, no EMA, no consistency) on the adaptation split; "
+             "`oracle` learns the true class of every adaptation clip, `fused` the shipped fused labels "
+             "(`no_ema`). `train_label_uar` is the UAR of the labels the student learnt, on the adaptation clips.", "",
+             "| transfer | labels | epochs | student test UAR | fused label test UAR | LALM test UAR | "
+             "train-label UAR | clips |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows.sort_values(["transfer", "epochs", "labels"]).itertuples():
+        lines.append(f"| {r.transfer} | {r.labels} | {r.epochs} | {r.student_test_uar:.3f} | "
+                     f"{r.fused_label_test_uar:.3f} | {r.lalm_test_uar:.3f} | {r.train_label_uar:.3f} | {r.clips} |")
+    means = rows.groupby(["labels", "epochs"])[["student_test_uar", "fused_label_test_uar"]].mean()
+    lines += ["", "Mean over the transfers run:", "", "| labels | epochs | student test UAR | fused label test UAR |",
+              "|---|---|---|---|"]
+    lines += [f"| {lab} | {ep} | {m.student_test_uar:.3f} | {m.fused_label_test_uar:.3f} |"
+              for (lab, ep), m in means.iterrows()]
+    with open(os.path.join(out_root, "student_bound.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
+    p.add_argument("--epochs", type=int, nargs="+", default=[16])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--out", default="benchmarks/results/student_bound")
+    p.add_argument("--bench-root", default="benchmarks/results/transfers", help="the six-transfer cells")
+    args = p.parse_args()
+    from mifuse_ray.ray_utils import init_ray
+    init_ray()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "student_bound.csv")
+    rows = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
+    pairs = [t.split(":") for t in args.transfers] if args.transfers else \
+        [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
+    for source, target in pairs:
+        rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, args.seed, rows)
+    summarize(rows, args.out, "python benchmarks/student_bound.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
