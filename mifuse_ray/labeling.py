@@ -88,7 +88,8 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
         # not audio) are materialised, the fit streams over them, then the fusion maps every batch.
         answered = ds.materialize()          # the LALM stage has dropped the audio
     fit = fit_frames(lambda: answered.iter_batches(batch_format="pandas", batch_size=8192), C, cfg.fusion)
-    ds = answered.map_batches(fusion_columns, batch_format="pandas", num_cpus=0.25,
+    # batch_size bundles the small blocks the actor stages emit: one task per 4,096 rows, not per block
+    ds = answered.map_batches(fusion_columns, batch_format="pandas", num_cpus=0.25, batch_size=4096,
                               fn_kwargs=dict(num_classes=C, fusion_cfg=cfg.fusion, fit=fit))
     table = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
     table = _ensure_every_clip(table, target_df)

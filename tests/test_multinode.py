@@ -55,7 +55,10 @@ def test_a_lost_node_costs_no_clip_and_no_answer_twice_then_ddp_across_nodes(dem
 
     assert not ray.is_initialized(), "the multi-node test must run before the session cluster starts"
     shared = str(tmp_path)                         # what every node sees
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})   # the head runs no work
+    # the head runs no work; a lost node is declared dead after ~3 s of missed health checks instead
+    # of Ray's default ~15 s (a test setting: the recovery is the same, only sooner)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
