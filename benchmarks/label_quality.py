@@ -38,7 +38,7 @@ def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
     from mifuse_ray.calibration import choose_fusion, dev_half, resolve, variant
     from mifuse_ray.fusion import VARIANTS
     from mifuse_ray.labeling import fit_table, fusion_columns
-    from mifuse_ray.metrics import uar
+    from mifuse_ray.metrics import counting_unanswered_as_wrong, uar
     C = len(labels)
     adapt = tables["adapt"]
     choice = choose_fusion(adapt, tables["dev"], fusion_cfg, labels)
@@ -53,7 +53,7 @@ def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
             fit = fit_table(t, C, cfg, fit.temperatures)
         y = np.array([labels.index(v) for v in (t["oracle_label"] if "oracle_label" in t else t["label"])])
         pred = fusion_columns(t, C, cfg, fit)["fused_pred"].to_numpy()
-        rows.append({"variant": name, "split": split, "uar": uar(y, np.where(pred >= 0, pred, (y + 1) % C), C),
+        rows.append({"variant": name, "split": split, "uar": uar(y, counting_unanswered_as_wrong(y, pred, C), C),
                      "chosen": choice.name if name == "default" else ""})
     return rows
 

@@ -53,10 +53,9 @@ def test_uar(cfg, test_df: pd.DataFrame, model_dir: str) -> float:
 
 
 def teacher_uar(table: pd.DataFrame, column: str, labels: list[str]) -> float:
-    from mifuse_ray.metrics import uar
+    from mifuse_ray.metrics import counting_unanswered_as_wrong, uar
     y = np.array([labels.index(v) for v in table["label"]])
-    pred = table[column].to_numpy()
-    return uar(y, np.where(pred >= 0, pred, (y + 1) % len(labels)), len(labels))
+    return uar(y, counting_unanswered_as_wrong(y, table[column].to_numpy(), len(labels)), len(labels))
 
 
 def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed, rows):

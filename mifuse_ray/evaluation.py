@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from .config import MiFuseConfig
-from .metrics import bootstrap_ci, classification_report
+from .metrics import bootstrap_ci, classification_report, counting_unanswered_as_wrong
 
 
 def score(y_true, y_pred, num_classes: int) -> dict:
@@ -49,8 +49,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
         t = t[t["clip_id"].isin(truth)]
         y = np.array([truth[c] for c in t["clip_id"]])
         for name, col in (("lalm_zero_shot", "lalm_pred"), ("fused_label", "fused_pred")):
-            # a clip a teacher could not answer counts as wrong, not as skipped
-            pred = np.where(t[col].to_numpy() >= 0, t[col].to_numpy(), (y + 1) % C)
+            pred = counting_unanswered_as_wrong(y, t[col].to_numpy(), C)
             out["test"][name] = score(y, pred, C)
             out["predictions"][name] = dict(zip(t["clip_id"], pred.tolist()))
     out["truth"] = {k: int(v) for k, v in truth.items()}

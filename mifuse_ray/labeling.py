@@ -201,7 +201,7 @@ def effective_request_cap(cfg: MiFuseConfig, target_df: pd.DataFrame) -> int:
 
 def summarize(table: pd.DataFrame, labels) -> dict:
     """Clips, failures by reason, requests and cache hits, agreement, and UAR where labels are known."""
-    from .metrics import uar
+    from .metrics import counting_unanswered_as_wrong, uar
     C = len(labels)
     ok = table["error"].isna()
     summary = {"clips": int(len(table)), "labelled": int(ok.sum()),
@@ -230,5 +230,5 @@ def summarize(table: pd.DataFrame, labels) -> dict:
         summary["truth_column"] = truth_col
         for name in (*teacher_names(table), "fused"):
             pred = table.loc[known, f"{name}_pred"].to_numpy()
-            summary[f"uar_{name}"] = uar(y, np.where(pred >= 0, pred, (y + 1) % C), C)
+            summary[f"uar_{name}"] = uar(y, counting_unanswered_as_wrong(y, pred, C), C)
     return summary

@@ -51,6 +51,13 @@ def uar(y_true, y_pred, num_classes: int) -> float:
     return uar_from_confusion(confusion_matrix(y_true, y_pred, num_classes))
 
 
+def counting_unanswered_as_wrong(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """A teacher's predictions where a clip it could not answer (-1) counts as wrong, not as
+    skipped: a teacher must not look better by failing on the hard clips."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return np.where(y_pred >= 0, y_pred, (y_true + 1) % num_classes)
+
+
 def weighted_accuracy(y_true, y_pred) -> float:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")

@@ -27,3 +27,10 @@ def test_report_and_bootstrap():
     assert r["per_class_recall"] == [0.5, 1.0, 0.5, 1.0]
     lo, hi = bootstrap_ci(y, p, 4, n_boot=200)
     assert 0 <= lo <= r["uar"] <= hi <= 1
+
+
+def test_an_unanswered_clip_counts_as_wrong():
+    from mifuse_ray.metrics import counting_unanswered_as_wrong
+    y, pred = np.array([0, 1, 2, 3]), np.array([0, -1, 2, -1])
+    fixed = counting_unanswered_as_wrong(y, pred, 4)
+    assert fixed.tolist() == [0, 2, 2, 0] and (fixed[pred < 0] != y[pred < 0]).all()

@@ -455,7 +455,7 @@ def class_prior(cfg: MiFuseConfig, table: pd.DataFrame) -> list[float]:
 def fused_dev_uar(dev_labels: pd.DataFrame | None, dev_df: pd.DataFrame | None, cfg: MiFuseConfig,
                   fusion: FusionConfig, fit: FusionFit | None) -> float | None:
     """The fused label's UAR on the student's dev clips (its line in the report's curve)."""
-    from ..metrics import uar
+    from ..metrics import counting_unanswered_as_wrong, uar
     if dev_labels is None or dev_df is None or not len(dev_df):
         return None
     C = len(cfg.labels)
@@ -464,7 +464,7 @@ def fused_dev_uar(dev_labels: pd.DataFrame | None, dev_df: pd.DataFrame | None, 
         return None
     pred = fusion_columns(t.reset_index(drop=True), C, fusion, fit)["fused_pred"].to_numpy()
     y = np.array([cfg.labels.index(v) for v in t["label"]])
-    return uar(y, np.where(pred >= 0, pred, (y + 1) % C), C)
+    return uar(y, counting_unanswered_as_wrong(y, pred, C), C)
 
 
 @dataclasses.dataclass
