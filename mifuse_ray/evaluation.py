@@ -17,6 +17,7 @@ def score(y_true, y_pred, num_classes: int) -> dict:
 def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict:
     """UAR/WA/F1 (+95% bootstrap CI) on the test split for source, LALM, fused labels and students."""
     from .data import training_clips
+    from .fused_labels import source_teacher_name
     from .predict import predict_decoded
     C = len(cfg.labels)
     out = {"test": {}, "selection": {}, "predictions": {}, "truth": {}}
@@ -28,7 +29,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
     decoded = training_clips(test, cfg.audio)     # read once per model: small splits stay decoded
     models = {"source_only": inputs.source_checkpoint}
     for i, checkpoint in enumerate(cfg.source.extra_checkpoints):      # extra source-model teachers
-        models[f"source{i + 2}_only"] = checkpoint
+        models[f"{source_teacher_name(i + 1)}_only"] = checkpoint
     for name, res in students.items():
         models[f"{name}_student"] = res.student_dir
         if res.ema_dir:

@@ -20,6 +20,12 @@ LALM = "lalm"                            # the API teacher; every other teacher 
 _SOURCE_TEACHER = re.compile(r"^(source\d*)_votes$")
 
 
+def source_teacher_name(i: int) -> str:
+    """The i-th source-model teacher: ``source`` (source.checkpoint), then ``source2``, ``source3``, …
+    for ``source.extra_checkpoints``: the one place that spells these names."""
+    return "source" if i == 0 else f"source{i + 1}"
+
+
 def teacher_names(table) -> list[str]:
     """The teachers a labels table holds, in fusion order: the LALM, the source model, then the
     extra source models (``source.extra_checkpoints``: ``source2``, ``source3``, …). Each has a

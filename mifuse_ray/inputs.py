@@ -107,7 +107,8 @@ def check_output_writable(path: str) -> None:
 
 def check_run(cfg: MiFuseConfig, inputs: Inputs) -> None:
     """The mistakes that need the inputs or the cluster to see, found before the first request."""
-    teachers = ["lalm", "source", *(f"source{i + 2}" for i in range(len(cfg.source.extra_checkpoints)))]
+    from .fused_labels import LALM, source_teacher_name
+    teachers = [LALM, *(source_teacher_name(i) for i in range(1 + len(cfg.source.extra_checkpoints)))]
     if inputs.dev_df is None and cfg.train.select == "smoothed_dev":
         raise ConfigError("train.select smoothed_dev needs a labelled dev split (dev_split); "
                           "use train.select final, which needs none")

@@ -17,7 +17,8 @@ import pandas as pd
 
 from .config import MiFuseConfig
 from .fused_labels import (NO_TEACHER_ERROR, _stack_lists, fit_frames, fit_table,  # noqa: F401
-                           fuse_kwargs, fusion_columns, fused_again, stored_draws, teacher_names, teachers_of)
+                           fuse_kwargs, fusion_columns, fused_again, source_teacher_name, stored_draws, teacher_names,
+                           teachers_of)
 from .fusion import teacher_stats
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
             fn_constructor_kwargs=dict(checkpoint=os.path.abspath(checkpoint), passes_per_clip=src.passes_per_clip,
                                        scope=src.mc_scope, seed=src.seed + 1000 * i, dropout_override=src.dropout_override,
                                        amp=src.amp, labels=cfg.labels, keep_audio=everyone or not last,
-                                       name="source" if i == 0 else f"source{i + 1}"),
+                                       name=source_teacher_name(i)),
             compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus,
             num_gpus=src.num_gpus or None)
     ds, asked = _select_for_budget(ds, cfg)
