@@ -27,6 +27,7 @@ MAIN_SETTINGS = {"fusion.lalm_answers_used": 5, "fusion.source_passes_used": 10}
 # Each ablation is a list of runs; a run is one (key, value) or a tuple of them changed together.
 ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balance_fused", "none"))],
              "consistency": [("train.consistency_weight", 0.0)],
+             "anchor_view": [("train.anchor_view", "strong")],
              "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],

@@ -143,6 +143,9 @@ class TrainConfig:
     ema_half_life_steps: float = 0.0    # > 0 overrides ema_decay: the EMA forgets half in this many steps
     adapt_norm: bool = False            # re-estimate BatchNorm statistics on the target's clean clips first (AdaBN)
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
+    # with consistency: the view the fused label is learnt on. "weak" (FixMatch): the usual augmentation,
+    # and the strong view only in the consistency term (two student passes); "strong": both terms on it
+    anchor_view: Literal["weak", "strong"] = "weak"
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
     online_fusion_from_epoch: int = 2   # from this epoch the EMA model may be the auxiliary teacher ...

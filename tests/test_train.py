@@ -194,3 +194,46 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
     head = [k for k in trained if "modules_to_save" in k and "classifier.modules_to_save" in k and k.endswith("weight")]
     assert head and not torch.equal(trained[head[0]], base[head[0].replace("model.base_model.model.", "model.")
                                                           .replace(".modules_to_save.default", "")])
+
+
+@pytest.mark.parametrize("anchor_view", ["weak", "strong"])
+def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
+    """FixMatch's split: the fused label is learnt on the weak view (here: augmentation off, so the clean
+    crop itself) and only the consistency term sees the strong view; anchor_view=strong is one pass on it."""
+    import dataclasses
+
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.modes import MODES
+    from mifuse_ray.train.student import LoopInputs, _initial_balances, _Run, _step
+
+    cfg = MiFuseConfig()
+    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view=anchor_view, consistency_threshold=0.0)
+    student = LogMelCNN(channels=(4, 4), embed_dim=8)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, wav, lengths, **kw):
+            seen.append(wav.detach().clone())
+            return self.inner(wav, lengths, **kw)
+
+    inp = LoopInputs(cfg, MODES["mifuse"], "", 4, [0.25] * 4, cfg.fusion, None, None, "")
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    run = _Run(inp, student, Recording(student), EMATeacher(student, 0.9), opt,
+               torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(student.parameters()), torch.device("cpu"),
+               0, 1, 0, 0, [], _initial_balances(inp), None, None, None, None)
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(int(0.5 * 16000)).astype(np.float32) * 0.1 for _ in range(4)]
+    batch = {"audio": audio, "q": np.full((4, 4), 0.25), "clip_weight": np.ones(4), "clip_id": list("abcd")}
+    terms = _step(run, batch, rng, torch.Generator().manual_seed(0), online_fusion=False)
+    assert np.isfinite(terms["loss"]) and "consistency" in terms
+    clean = torch.stack([torch.from_numpy(a) for a in audio])
+    if anchor_view == "weak":
+        assert len(seen) == 2                                   # the labels' view, then the strong view
+        assert torch.equal(seen[0][:, :clean.shape[1]], clean)  # the labels were learnt on the clean crop
+        assert not torch.equal(seen[1][:, :clean.shape[1]], clean)
+    else:
+        assert len(seen) == 1 and not torch.equal(seen[0][:, :clean.shape[1]], clean)

@@ -189,13 +189,19 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     """One optimiser step; returns the loss terms for the epoch's averages."""
     cfg, mode, t, device = run.inp.cfg, run.inp.mode, run.inp.cfg.train, run.device
     clean, lengths = crop_batch(list(batch["audio"]), int(cfg.audio.train_crop_s * cfg.audio.sample_rate), rng)
+    max_shift = int(t.max_shift_s * cfg.audio.sample_rate)
+    # The labels are learnt on the weak view (as in FixMatch: the supervised term never sees the strong
+    # augmentation); the consistency term on the strong view. anchor_view "strong" puts both on the strong
+    # view, one forward pass fewer.
     view, view_len = clean, lengths
+    if t.augment and not (mode.consistency and t.anchor_view == "strong"):
+        view, view_len = augment(clean, lengths, gen, t.noise_snr_db, t.gain_db, max_shift, t.speed_range)
+    strong = strong_len = None
     if mode.consistency:
-        view, view_len = strong_augment(clean, lengths, gen, cfg.audio.sample_rate,
-                                        max_shift=int(t.max_shift_s * cfg.audio.sample_rate))
-    elif t.augment:
-        view, view_len = augment(clean, lengths, gen, t.noise_snr_db, t.gain_db,
-                                 int(t.max_shift_s * cfg.audio.sample_rate), t.speed_range)
+        strong, strong_len = strong_augment(clean, lengths, gen, cfg.audio.sample_rate, max_shift=max_shift)
+        if t.anchor_view == "strong":
+            view, view_len = strong, strong_len
+        strong, strong_len = strong.to(device), strong_len.to(device)
     clean, lengths, view, view_len = clean.to(device), lengths.to(device), view.to(device), view_len.to(device)
     terms = {}
     q = torch.tensor(np.asarray(batch["q"]), dtype=torch.float32, device=device)
@@ -217,7 +223,11 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
         loss = anchor + t.lambda_div * diversity_kl(probs, torch.tensor(run.inp.prior, device=device))
     terms["anchor"], terms["div"] = float(anchor.detach()), float((loss - anchor).detach())
     if mode.consistency:
-        cons, kept = _consistency(run, clean, lengths, logits, ema_probs)
+        strong_logits = logits
+        if t.anchor_view != "strong":
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                strong_logits = run.model(strong, strong_len)
+        cons, kept = _consistency(run, clean, lengths, strong_logits, ema_probs)
         loss = loss + t.consistency_weight * cons
         terms["consistency"], terms["consistency_kept"] = float(cons.detach()), kept
     if run.distill_teacher is not None:
