@@ -151,6 +151,33 @@ def seed_tables(df, complete_seeds):
     return table.loc[order]
 
 
+SHIPPED = "mifuse_ema"          # the model the shipped recipe ends with (the EMA teacher at the last epoch)
+TEACHERS = ("lalm_zero_shot", "source_only")
+
+
+def target_checks(main_df, complete_seeds):
+    """The shipped model's margins over the seeds that finished every transfer: against its fused labels
+    (target +2 points), the LALM (+5), the best other student (+3), and on how many transfers it is
+    above both teachers (all)."""
+    import pandas as pd
+    df = main_df[main_df.seed.isin(complete_seeds)]
+    mean = df.groupby("system").uar.mean()           # over transfers and seeds alike (every cell counts once)
+    if SHIPPED not in mean:
+        return pd.DataFrame()
+    students = [s for s in mean.index if s.endswith(("_student", "_ema")) and s not in ("mifuse_student", SHIPPED)]
+    best_other = max(students, key=lambda s: mean[s]) if students else None
+    per_transfer = df.groupby(["transfer", "system"]).uar.mean().unstack()
+    above = (per_transfer[SHIPPED] > per_transfer[list(TEACHERS)].max(axis=1)).sum()
+    rows = [("fused labels", "fused_label", 0.02), ("LALM zero-shot", "lalm_zero_shot", 0.05)]
+    rows += [(f"best other student ({best_other})", best_other, 0.03)] if best_other else []
+    out = [{"check": f"{SHIPPED} − {name}", "margin": f"{mean[SHIPPED] - mean[system]:+.3f}",
+            "target": f"≥ +{need:.2f}", "met": bool(mean[SHIPPED] - mean[system] >= need)}
+           for name, system, need in rows if system in mean]
+    out.append({"check": f"transfers where {SHIPPED} is above both teachers", "margin": f"{above} of {len(per_transfer)}",
+                "target": "all", "met": bool(above == len(per_transfer))})
+    return pd.DataFrame(out)
+
+
 def main_config():
     """The configuration the main cells fuse with (for scripts that re-fuse their stored labels)."""
     from mifuse_ray.config import MiFuseConfig, apply_overrides
@@ -218,6 +245,9 @@ def summarize(cells, out_root, command: str = ""):
              f"{', '.join(f'{t} {n}' for t, n in seeds_per_transfer.items())}. The averages are over the seeds "
              f"that finished every transfer ({complete}): each seed's average over the transfers, then mean ± std.",
              "", markdown_table(seed_tables(main_df, complete)), ""]
+    if complete:
+        lines += ["## The shipped model against the targets (issue #14)", "",
+                  markdown_table(target_checks(main_df, complete)), ""]
     other = df[df.variant != "main"]
     if len(other):
         abl = other[other.system.isin(["mifuse_student", "mifuse_ema"])]
