@@ -143,11 +143,14 @@ def seed_tables(df, complete_seeds):
         row = {"system": system}
         for t in transfers:
             row[t] = _mean_std(sdf[sdf.transfer == t].uar.tolist())
+        # a seed counts only where this system ran on every transfer (a partly rerun seed is not an average)
+        covered = [seed for seed in complete_seeds if set(sdf[sdf.seed == seed].transfer) >= set(transfers)]
         for metric, name in (("uar", "UAR"), ("wa", "WA"), ("macro_f1", "macro-F1")):
-            row[f"average {name}"] = _mean_std([sdf[sdf.seed == seed][metric].mean() for seed in complete_seeds])
+            row[f"average {name}"] = _mean_std([sdf[sdf.seed == seed][metric].mean() for seed in covered])
         rows.append(row)
     table = pd.DataFrame(rows)
-    order = table["average UAR"].str.split(" ").str[0].astype(float).sort_values(ascending=False).index
+    order = pd.to_numeric(table["average UAR"].str.split(" ").str[0], errors="coerce").sort_values(
+        ascending=False, na_position="last").index
     return table.loc[order]
 
 
@@ -161,10 +164,14 @@ def target_checks(main_df, complete_seeds):
     above both teachers (all)."""
     import pandas as pd
     df = main_df[main_df.seed.isin(complete_seeds)]
+    cells = df.groupby("system").size()
+    df = df[df.system.isin(cells[cells == cells.max()].index)]   # only systems that ran in every cell
     mean = df.groupby("system").uar.mean()           # over transfers and seeds alike (every cell counts once)
     if SHIPPED not in mean:
         return pd.DataFrame()
-    students = [s for s in mean.index if s.endswith(("_student", "_ema")) and s not in ("mifuse_student", SHIPPED)]
+    # the baselines' students (no_ema is an ablation of the shipped recipe, reported beside them, not a baseline)
+    students = [s for s in mean.index if s.endswith(("_student", "_ema"))
+                and s not in ("mifuse_student", SHIPPED) and not s.startswith("no_ema")]
     best_other = max(students, key=lambda s: mean[s]) if students else None
     per_transfer = df.groupby(["transfer", "system"]).uar.mean().unstack()
     above = (per_transfer[SHIPPED] > per_transfer[list(TEACHERS)].max(axis=1)).sum()
