@@ -247,7 +247,8 @@ def summarize(cells, out_root, command: str = ""):
     complete = sorted(int(s) for s, g in main_df.groupby("seed") if set(g.transfer) == set(transfers))
     seeds_per_transfer = main_df.groupby("transfer").seed.nunique()
     from mifuse_ray.report import markdown_table
-    lines = ["# Six-transfer benchmark (test UAR, mean ± std over seeds)", "",
+    title = "Six-transfer benchmark" if len(transfers) == 6 else f"Transfer benchmark, {len(transfers)} transfers"
+    lines = [f"# {title} (test UAR, mean ± std over seeds)", "",
              f"Last written by `{command}` from every finished cell in this folder: {len(transfers)} transfers, seeds finished per transfer "
              f"{', '.join(f'{t} {n}' for t, n in seeds_per_transfer.items())}. The averages are over the seeds "
              f"that finished every transfer ({complete}): each seed's average over the transfers, then mean ± std.",
