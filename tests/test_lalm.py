@@ -173,3 +173,34 @@ def test_server_binds_loopback_and_rejects_huge_bodies():
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req)
         assert err.value.code == 413
+
+
+def test_stage_closes_its_http_session_when_ray_data_deletes_it():
+    """Ray Data runs an async UDF on a loop in its own thread and deletes the UDF at pool shutdown;
+    the session must be closed there (else aiohttp floods the console with 'Unclosed client session')."""
+    import gc
+    import threading
+
+    import pandas as pd
+
+    from mifuse_ray.lalm.stage import LALMStage
+    from mifuse_ray.demo.synth import Speaker, synthesize_utterance
+    from mifuse_ray.demo.domains import DOMAINS, sample_prosody
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    rng = np.random.default_rng(0)
+    wavs = [synthesize_utterance(sample_prosody(DOMAINS["acted_studio"], i, rng), Speaker(150, 1.0, 1.0, 0.0),
+                                 1.0, 16000, rng) for i in range(2)]
+    batch = pd.DataFrame({"audio": wavs, "error": [None, None]})
+    try:
+        with BackgroundServer(ServerConfig(latency_s=0.0)) as server:
+            stage = LALMStage(LALMConfig(answers_per_clip=2), DEFAULT_LABELS, server.url, cache_dir="")
+            out = asyncio.run_coroutine_threadsafe(stage.ask_batch(batch), loop).result(timeout=30)
+            assert out["lalm_error"].isna().all() and server.stats["requests"] == 2
+            session = stage.client.session
+            assert not session.closed
+            del stage
+            gc.collect()
+            assert session.closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)

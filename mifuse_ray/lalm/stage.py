@@ -30,10 +30,11 @@ class LALMStage:
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.limiter_actor, self.max_requests = limiter_actor, max_requests
         self.client: LALMClient | None = None
-        self._client_lock = None
+        self._loop: asyncio.AbstractEventLoop | None = None   # the loop the client's HTTP session lives on
 
     async def _client(self) -> LALMClient:
         if self.client is None:
+            self._loop = asyncio.get_running_loop()
             actor = None
             if self.limiter_actor:
                 import ray
@@ -85,6 +86,27 @@ class LALMStage:
 
     async def __call__(self, batch: pd.DataFrame):
         yield await self.ask_batch(batch)
+
+    def __del__(self):
+        """Ray Data deletes the UDF when its actor pool shuts down. Close the HTTP session on the loop
+        it lives on (Ray Data's own thread), or aiohttp prints 'Unclosed client session' and every
+        pooled connection into the console at the end of each labelling pass."""
+        session = self.client.session if self.client is not None else None
+        if session is None or session.closed or self._loop is None or self._loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:             # deleted on the loop's own thread: cannot wait for it here
+            self._loop.create_task(session.close())
+        elif self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(session.close(), self._loop).result(timeout=5)
+            except Exception:                 # a stuck close must not fail the actor's exit
+                pass
+        else:
+            self._loop.run_until_complete(session.close())
 
 
 def add_lalm_stage(ds, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
