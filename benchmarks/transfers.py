@@ -30,6 +30,7 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "anchor_view": [("train.anchor_view", "strong")],
              "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
+             "lr": [("train.lr", 1e-3)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],
