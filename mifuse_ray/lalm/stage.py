@@ -91,22 +91,23 @@ class LALMStage:
         """Ray Data deletes the UDF when its actor pool shuts down. Close the HTTP session on the loop
         it lives on (Ray Data's own thread), or aiohttp prints 'Unclosed client session' and every
         pooled connection into the console at the end of each labelling pass."""
-        session = self.client.session if self.client is not None else None
-        if session is None or session.closed or self._loop is None or self._loop.is_closed():
+        client, loop = getattr(self, "client", None), getattr(self, "_loop", None)   # __init__ may have failed
+        session = client.session if client is not None else None
+        if session is None or session.closed or loop is None or loop.is_closed():
             return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is self._loop:             # deleted on the loop's own thread: cannot wait for it here
-            self._loop.create_task(session.close())
-        elif self._loop.is_running():
+        if running is loop:                   # deleted on the loop's own thread: cannot wait for it here
+            loop.create_task(session.close())
+        elif loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(session.close(), self._loop).result(timeout=5)
+                asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
             except Exception:                 # a stuck close must not fail the actor's exit
                 pass
         else:
-            self._loop.run_until_complete(session.close())
+            loop.run_until_complete(session.close())
 
 
 def add_lalm_stage(ds, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
