@@ -15,13 +15,16 @@ from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 SECRET = "sk-test-SECRET-do-not-leak-123"
 
 
-def clip(seed=0, seconds=1.0):
+def wave(seed=0, seconds=1.0):
     from mifuse_ray.demo.domains import DOMAINS, sample_prosody
     from mifuse_ray.demo.synth import Speaker, synthesize_utterance
     rng = np.random.default_rng(seed)
-    wav = synthesize_utterance(sample_prosody(DOMAINS["acted_studio"], seed % 4, rng),
-                               Speaker(150, 1.0, 1.0, 0.0), seconds, 16000, rng)
-    return encode_wav(wav, 16000)
+    return synthesize_utterance(sample_prosody(DOMAINS["acted_studio"], seed % 4, rng),
+                                Speaker(150, 1.0, 1.0, 0.0), seconds, 16000, rng)
+
+
+def clip(seed=0, seconds=1.0):
+    return encode_wav(wave(seed, seconds), 16000)
 
 
 def run(coro):
@@ -184,14 +187,9 @@ def test_stage_closes_its_http_session_when_ray_data_deletes_it():
     import pandas as pd
 
     from mifuse_ray.lalm.stage import LALMStage
-    from mifuse_ray.demo.synth import Speaker, synthesize_utterance
-    from mifuse_ray.demo.domains import DOMAINS, sample_prosody
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    rng = np.random.default_rng(0)
-    wavs = [synthesize_utterance(sample_prosody(DOMAINS["acted_studio"], i, rng), Speaker(150, 1.0, 1.0, 0.0),
-                                 1.0, 16000, rng) for i in range(2)]
-    batch = pd.DataFrame({"audio": wavs, "error": [None, None]})
+    batch = pd.DataFrame({"audio": [wave(0), wave(1)], "error": [None, None]})
     try:
         with BackgroundServer(ServerConfig(latency_s=0.0)) as server:
             stage = LALMStage(LALMConfig(answers_per_clip=2), DEFAULT_LABELS, server.url, cache_dir="")

@@ -92,22 +92,22 @@ class LALMStage:
         it lives on (Ray Data's own thread), or aiohttp prints 'Unclosed client session' and every
         pooled connection into the console at the end of each labelling pass."""
         client, loop = getattr(self, "client", None), getattr(self, "_loop", None)   # __init__ may have failed
-        session = client.session if client is not None else None
-        if session is None or session.closed or loop is None or loop.is_closed():
+        if client is None or client.session.closed or loop is None or loop.is_closed():
             return
+        close = client.__aexit__(None, None, None)       # the client opened its session in __aenter__
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:                   # deleted on the loop's own thread: cannot wait for it here
-            loop.create_task(session.close())
+            loop.create_task(close)
         elif loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
+                asyncio.run_coroutine_threadsafe(close, loop).result(timeout=5)
             except Exception:                 # a stuck close must not fail the actor's exit
                 pass
         else:
-            loop.run_until_complete(session.close())
+            loop.run_until_complete(close)
 
 
 def add_lalm_stage(ds, cfg: LALMConfig, labels, base_url: str, cache_dir: str, sample_rate: int = 16000,
