@@ -8,10 +8,33 @@ import time
 
 import pytest
 
-# Token authentication on, as Ray 2.59+ starts clusters by default: the session cluster generates
-# the token (~/.ray/auth_token), and drivers, `ray job submit` and the kill tests read it because
-# they inherit RAY_AUTH_MODE=token (a client reads the token file only in this mode).
+# Token authentication on, as Ray 2.59+ starts clusters by default; drivers, `ray job submit` and the
+# kill tests read the token because they inherit RAY_AUTH_MODE=token (a client reads the token file
+# only in this mode).
 os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ensure_auth_token() -> None:
+    """On a fresh machine there is no ~/.ray/auth_token yet. ``ray.init`` writes one when it starts a
+    local cluster, but the multi-node test runs first and starts its nodes with
+    ``ray.cluster_utils.Cluster``, whose GCS then aborts for want of a token (as `ray start` would without
+    `ray get-auth-token --generate`). So the session makes the token before any cluster starts."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.path.exists(path):
+        return
+    import secrets
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:                    # another process made it meanwhile
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+
+
+_ensure_auth_token()
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 logging.getLogger("ray").setLevel(logging.WARNING)   # Ray Data logs whole stats dicts at DEBUG
