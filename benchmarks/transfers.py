@@ -31,6 +31,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],
              "lr": [("train.lr", 1e-3)],
+             "init": [("train.init", "shrink_perturb"),
+                      (("train.init", "shrink_perturb"), ("train.init_shrink", 0.0), ("train.init_perturb", 1.0))],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],

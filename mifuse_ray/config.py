@@ -142,6 +142,11 @@ class TrainConfig:
     ema_decay: float = 0.97             # per optimiser step; see README 'EMA' for when it binds
     ema_half_life_steps: float = 0.0    # > 0 overrides ema_decay: the EMA forgets half in this many steps
     adapt_norm: bool = False            # re-estimate BatchNorm statistics on the target's clean clips first (AdaBN)
+    # the student's start: the source weights, or shrink-and-perturb (θ ← shrink·θ_source + perturb·θ_fresh),
+    # a warm start that keeps the source's direction but not its confidence in source-only cues
+    init: Literal["source", "shrink_perturb"] = "source"
+    init_shrink: float = 0.5
+    init_perturb: float = 0.1
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
     # with consistency: the view the fused label is learnt on. "weak" (FixMatch): the usual augmentation,
     # and the strong view only in the consistency term (two student passes); "strong": both terms on it
@@ -363,6 +368,10 @@ def validate(cfg: MiFuseConfig) -> None:
         (cfg.train.distill_kl_weight >= 0 and cfg.train.cka_weight >= 0 and cfg.train.distill_temperature > 0,
          "train.distill_kl_weight and train.cka_weight must be ≥ 0, train.distill_temperature > 0"),
         (cfg.train.lora_rank >= 0, "train.lora_rank must be ≥ 0 (0: fine-tune the whole student)"),
+        (cfg.train.init == "source" or cfg.train.lora_rank == 0,
+         "train.init shrink_perturb changes every weight; with train.lora_rank > 0 keep train.init source"),
+        (0 <= cfg.train.init_shrink <= 1 and cfg.train.init_perturb >= 0,
+         "train.init_shrink must be in [0, 1] and train.init_perturb ≥ 0"),
         (0 < cfg.lalm.budget <= 1, "lalm.budget is a fraction in (0, 1]; for a number of clips use lalm.budget_clips"),
         (cfg.lalm.budget_clips >= 0, "lalm.budget_clips must be ≥ 0 (0: use lalm.budget)"),
         (set(cfg.baseline_modes) <= set(_literal_choices(TrainConfig, "mode")),

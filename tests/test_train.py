@@ -28,6 +28,40 @@ def test_ema_update_matches_hand_computation():
     assert alpha ** 100 == pytest.approx(0.5)
 
 
+def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
+    """θ = shrink·θ_source + perturb·θ_fresh parameter by parameter, the same for the same seed, the
+    BatchNorm statistics untouched, and the caller's random stream not consumed."""
+    from mifuse_ray.config import ConfigError, validate
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.common import shrink_perturb
+    torch.manual_seed(0)
+    source = LogMelCNN()
+    source.blocks[0][1].running_mean.fill_(0.7)
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    a = shrink_perturb(LogMelCNN(), 1.0, 0.0, 3)
+    a.load_state_dict(before)
+    assert all(torch.equal(v, before[k]) for k, v in shrink_perturb(a, 1.0, 0.0, 3).state_dict().items())
+    b, c = LogMelCNN(), LogMelCNN()
+    b.load_state_dict(before)
+    c.load_state_dict(before)
+    state = torch.random.get_rng_state()
+    shrink_perturb(b, 0.5, 0.1, seed=3)
+    shrink_perturb(c, 0.5, 0.1, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (name, p), q in zip(b.named_parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+        if p.dim() > 1:                                   # conv and linear weights: 0.1 × a fresh draw
+            assert not torch.allclose(p - 0.5 * before[name], 0.05 * before[name]), name
+    conv = b.blocks[0][0]
+    bound = 1 / (conv.in_channels * 9) ** 0.5             # Conv2d's own init bound, times 0.1
+    assert (b.blocks[0][0].weight - 0.5 * before["blocks.0.0.weight"]).abs().max() <= 0.1 * bound + 1e-7
+    assert torch.equal(b.blocks[0][1].running_mean, before["blocks.0.1.running_mean"])
+    cfg = MiFuseConfig()
+    cfg.train.init, cfg.train.lora_rank = "shrink_perturb", 8
+    with pytest.raises(ConfigError, match="train.init"):
+        validate(cfg)
+
+
 def test_losses_by_hand():
     q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     logits = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))

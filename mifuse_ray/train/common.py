@@ -1,6 +1,7 @@
 """Pieces shared by the source and student training loops (both run inside Ray Train workers)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -147,3 +148,23 @@ def strong_augment(wav: torch.Tensor, lengths: torch.Tensor, gen: torch.Generato
         pos = torch.arange(L)[None, :]
         wav = wav * ~((pos >= start[:, None]) & (pos < (start + width)[:, None]))
     return wav, lengths
+
+
+@torch.no_grad()
+def shrink_perturb(model: torch.nn.Module, shrink: float, perturb: float, seed: int) -> torch.nn.Module:
+    """θ ← shrink·θ + perturb·θ_fresh for every parameter (Ash & Adams, 2020), θ_fresh drawn by each
+    module's own ``reset_parameters``. A student fine-tuned from the source weights at a small learning
+    rate keeps the source's cues even where the target lacks them (a loudness-normalised target has no
+    energy cue); a shrunk start keeps their direction and lets the target's labels move it. Buffers
+    (BatchNorm statistics) are kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if not own or not hasattr(module, "reset_parameters"):
+                continue
+            fresh = copy.deepcopy(module)
+            fresh.reset_parameters()
+            for p, f in zip(own, fresh.parameters(recurse=False)):
+                p.mul_(shrink).add_(f, alpha=perturb)
+    return model

@@ -25,8 +25,8 @@ from ..config import FusionConfig, MiFuseConfig, result_fields
 from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, rescale, teacher_stats, temper
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
-from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, strong_augment,
-                     warmup_cosine)
+from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, shrink_perturb,
+                     strong_augment, warmup_cosine)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_kl
@@ -105,6 +105,8 @@ def _setup(inp: LoopInputs) -> _Run:
         trainable, total = trainable_fraction(student)
         if rank == 0:
             print(f"LoRA student: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+    if t.init == "shrink_perturb":
+        shrink_perturb(student, t.init_shrink, t.init_perturb, t.seed)
     student = student.to(device)
     steps_per_epoch = max(1, inp.n_train // (t.batch_size * world))
     alpha = decay_from_half_life(t.ema_half_life_steps, 1) if t.ema_half_life_steps > 0 else t.ema_decay
