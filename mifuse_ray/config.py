@@ -147,6 +147,10 @@ class TrainConfig:
     init: Literal["source", "shrink_perturb"] = "source"
     init_shrink: float = 0.5
     init_perturb: float = 0.1
+    # BatchNorm while the student trains: "frozen" keeps the source's (or AdaBN's) statistics, which suits a
+    # small step from the source weights; "update" normalises by batch statistics and updates the running
+    # ones, which a start far from the source weights (train.init shrink_perturb) needs
+    batchnorm: Literal["frozen", "update"] = "frozen"
     consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
     # with consistency: the view the fused label is learnt on. "weak" (FixMatch): the usual augmentation,
     # and the strong view only in the consistency term (two student passes); "strong": both terms on it

@@ -230,6 +230,45 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
                                                           .replace(".modules_to_save.default", "")])
 
 
+def _cpu_run(cfg, student, model=None, lr=0.0, train_shard=None):
+    """A one-worker training state without Ray: what ``_setup`` builds, for the step-level tests."""
+    from mifuse_ray.train.modes import MODES
+    from mifuse_ray.train.student import LoopInputs, _initial_balances, _Run
+    inp = LoopInputs(cfg, MODES["mifuse"], "", 4, [0.25] * 4, cfg.fusion, None, None, "")
+    opt = torch.optim.SGD(student.parameters(), lr=lr)
+    return _Run(inp, student, model or student, EMATeacher(student, 0.9), opt,
+                torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(student.parameters()), torch.device("cpu"),
+                0, 1, 0, 0, [], _initial_balances(inp), None, None, train_shard, None)
+
+
+def _noise_batch(rng, n=4):
+    audio = [rng.standard_normal(int(0.5 * 16000)).astype(np.float32) * 0.1 for _ in range(n)]
+    return {"audio": audio, "q": np.full((n, 4), 0.25), "clip_weight": np.ones(n), "clip_id": [str(i) for i in range(n)]}
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen", "update"])
+def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
+    """train.batchnorm: frozen keeps the source statistics through an epoch (a small step from the source
+    weights); update lets them follow the target's batches (a start far from them, train.init shrink_perturb)."""
+    import dataclasses
+
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.student import _train_epoch
+
+    class Shard:
+        def iter_batches(self, **kw):
+            return iter([_noise_batch(np.random.default_rng(i)) for i in range(2)])
+
+    cfg = MiFuseConfig()
+    cfg.train = dataclasses.replace(cfg.train, batchnorm=batchnorm, consistency_threshold=0.0)
+    student = LogMelCNN(channels=(4, 4), embed_dim=8)
+    before = student.blocks[0][1].running_mean.clone()
+    run = _cpu_run(cfg, student, lr=1e-3, train_shard=Shard())
+    sums = _train_epoch(run, 0)
+    assert sums["n"] == 2 and np.isfinite(sums["loss"])
+    assert torch.equal(student.blocks[0][1].running_mean, before) == (batchnorm == "frozen")
+
+
 @pytest.mark.parametrize("anchor_view", ["weak", "strong"])
 def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
     """FixMatch's split: the fused label is learnt on the weak view (here: augmentation off, so the clean
@@ -237,8 +276,7 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
     import dataclasses
 
     from mifuse_ray.models.cnn import LogMelCNN
-    from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import LoopInputs, _initial_balances, _Run, _step
+    from mifuse_ray.train.student import _step
 
     cfg = MiFuseConfig()
     cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view=anchor_view, consistency_threshold=0.0)
@@ -254,14 +292,10 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
             seen.append(wav.detach().clone())
             return self.inner(wav, lengths, **kw)
 
-    inp = LoopInputs(cfg, MODES["mifuse"], "", 4, [0.25] * 4, cfg.fusion, None, None, "")
-    opt = torch.optim.SGD(student.parameters(), lr=0.0)
-    run = _Run(inp, student, Recording(student), EMATeacher(student, 0.9), opt,
-               torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(student.parameters()), torch.device("cpu"),
-               0, 1, 0, 0, [], _initial_balances(inp), None, None, None, None)
+    run = _cpu_run(cfg, student, Recording(student))
     rng = np.random.default_rng(0)
-    audio = [rng.standard_normal(int(0.5 * 16000)).astype(np.float32) * 0.1 for _ in range(4)]
-    batch = {"audio": audio, "q": np.full((4, 4), 0.25), "clip_weight": np.ones(4), "clip_id": list("abcd")}
+    batch = _noise_batch(rng)
+    audio = batch["audio"]
     terms = _step(run, batch, rng, torch.Generator().manual_seed(0), online_fusion=False)
     assert np.isfinite(terms["loss"]) and "consistency" in terms
     clean = torch.stack([torch.from_numpy(a) for a in audio])

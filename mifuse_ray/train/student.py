@@ -172,7 +172,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     rng = np.random.default_rng([t.seed, run.rank, epoch])
     gen = torch.Generator().manual_seed(hash_seed(t.seed, run.rank, epoch, 1))
     run.model.train()
-    run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
+    if t.batchnorm == "frozen":
+        run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
     online_fusion = _online_fusion_on(run, epoch)
     sums: dict = {"n": 0, "online_fusion": float(online_fusion), "clips": 0, "started": time.time()}
     for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
