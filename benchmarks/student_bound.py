@@ -3,6 +3,7 @@ adaptation split's ground truth (an oracle only the demo has), beside the same s
 labels it really gets, and the fused label's and the LALM's own test UAR.
 
     python benchmarks/student_bound.py [--transfers podcast:call_centre ...] [--epochs 16 48]
+        [--labels oracle fused] [--inits source fresh]
         [--out benchmarks/results/student_bound]
 
 Both students use the `lalm_labels` recipe (fixed soft labels, KL + diversity, no EMA, no
@@ -11,7 +12,11 @@ clip's true class, so `lalm_labels` learns one-hot truth. If the oracle student 
 fused label's test UAR, no recipe that only learns from labels on these clips can pass the labels
 by much: the student and the amount of target audio limit it, not the labels.
 
-Resumable: one CSV row per (transfer, labels, epochs, seed), skipped when present. The labels are the
+`--inits fresh` starts the student from fresh weights instead of the source model's (the init
+ablation's fresh start in `transfers.py`: batch statistics, lr 2e-3): it separates what the
+source weights cost the student from what the labels cost it.
+
+Resumable: one CSV row per (transfer, labels, init, epochs, seed), skipped when present. The labels are the
 six-transfer benchmark's seed-0 cells (`benchmarks/transfers.py`), labelled here if missing.
 """
 import argparse
@@ -26,9 +31,11 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transfers import DOMAINS, cell_config, label_cell  # noqa: E402
+from transfers import ABLATIONS, DOMAINS, cell_config, label_cell  # noqa: E402
 
-COLUMNS = ["transfer", "labels", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
+# the student's start: the source weights, or the init ablation's fresh start (train.* settings)
+INITS = {"source": {}, "fresh": {key.split(".")[1]: value for key, value in ABLATIONS["init"][1]}}
+COLUMNS = ["transfer", "labels", "init", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
            "lalm_test_uar", "train_label_uar", "clips", "seconds"]
 
 
@@ -58,15 +65,16 @@ def teacher_uar(table: pd.DataFrame, column: str, labels: list[str]) -> float:
     return uar(y, counting_unanswered_as_wrong(y, table[column].to_numpy(), len(labels)), len(labels))
 
 
-def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed, rows):
+def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed, rows, labels=("oracle", "fused"),
+                 inits=("source",)):
     from mifuse_ray.api import resolve_inputs
     from mifuse_ray.calibration import dev_halves
     from mifuse_ray.metrics import uar
     from mifuse_ray.train.student import mode_labels, train_student, training_table
     transfer = f"{source}→{target}"
-    todo = [(lab, ep) for lab in ("oracle", "fused") for ep in epochs_list
-            if not ((rows["transfer"] == transfer) & (rows["labels"] == lab) & (rows["epochs"] == ep)
-                    & (rows["seed"] == seed)).any()]
+    todo = [(lab, init, ep) for lab in labels for init in inits for ep in epochs_list
+            if not ((rows["transfer"] == transfer) & (rows["labels"] == lab) & (rows["init"] == init)
+                    & (rows["epochs"] == ep) & (rows["seed"] == seed)).any()]
     if not todo:
         return rows
     split_labels, choice = label_cell(source, target, bench_root, scale)
@@ -77,17 +85,18 @@ def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed,
     adapt = split_labels["adapt"].table
     adapt = adapt[adapt["error"].isna()].reset_index(drop=True)
     y = np.array([cfg.labels.index(v) for v in adapt["oracle_label"]])
-    for lab, ep in todo:
+    for lab, init, ep in todo:
         # oracle: lalm_labels learns the replaced answers; fused: no_ema learns the dev-chosen fusion.
         # Both are fixed soft labels with KL + diversity, no EMA, no consistency.
         table = oracle_table(adapt, cfg.labels) if lab == "oracle" else adapt
         mode = "lalm_labels" if lab == "oracle" else "no_ema"
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode, epochs=ep, seed=seed))
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode, epochs=ep, seed=seed,
+                                                                     **INITS[init]))
         q = np.stack(training_table(table, run_cfg, *mode_labels(run_cfg, table, choice))["q"])
         t = time.time()
         res = train_student(run_cfg, table, student_dev, inputs.source_checkpoint, cfg.output,
-                            run_name=f"{lab}_e{ep}_s{seed}", choice=choice)
-        row = {"transfer": transfer, "labels": lab, "epochs": ep, "seed": seed,
+                            run_name=f"{lab}_e{ep}_s{seed}" + ("" if init == "source" else f"_{init}"), choice=choice)
+        row = {"transfer": transfer, "labels": lab, "init": init, "epochs": ep, "seed": seed,
                "student_test_uar": test_uar(cfg, inputs.test_df, res.student_dir),
                "student_dev_uar": res.best_metrics.get("dev_uar"), "fused_label_test_uar": fused_uar,
                "lalm_test_uar": lalm_uar, "train_label_uar": uar(y, q.argmax(1), len(cfg.labels)), "clips": len(table),
@@ -105,16 +114,16 @@ def summarize(rows: pd.DataFrame, out_root: str, command: str) -> None:
              "Student recipe `lalm_labels` (fixed soft labels, no EMA, no consistency) on the adaptation split; "
              "`oracle` learns the true class of every adaptation clip, `fused` the shipped fused labels "
              "(`no_ema`). `train_label_uar` is the UAR of the labels the student learnt, on the adaptation clips.", "",
-             "| transfer | labels | epochs | student test UAR | fused label test UAR | LALM test UAR | "
-             "train-label UAR | clips |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows.sort_values(["transfer", "epochs", "labels"]).itertuples():
-        lines.append(f"| {r.transfer} | {r.labels} | {r.epochs} | {r.student_test_uar:.3f} | "
+             "| transfer | labels | init | epochs | student test UAR | fused label test UAR | LALM test UAR | "
+             "train-label UAR | clips |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.sort_values(["transfer", "epochs", "labels", "init"]).itertuples():
+        lines.append(f"| {r.transfer} | {r.labels} | {r.init} | {r.epochs} | {r.student_test_uar:.3f} | "
                      f"{r.fused_label_test_uar:.3f} | {r.lalm_test_uar:.3f} | {r.train_label_uar:.3f} | {r.clips} |")
-    means = rows.groupby(["labels", "epochs"])[["student_test_uar", "fused_label_test_uar"]].mean()
-    lines += ["", "Mean over the transfers run:", "", "| labels | epochs | student test UAR | fused label test UAR |",
-              "|---|---|---|---|"]
-    lines += [f"| {lab} | {ep} | {m.student_test_uar:.3f} | {m.fused_label_test_uar:.3f} |"
-              for (lab, ep), m in means.iterrows()]
+    means = rows.groupby(["labels", "init", "epochs"])[["student_test_uar", "fused_label_test_uar"]].agg(["mean", "size"])
+    lines += ["", "Mean over the transfers run:", "",
+              "| labels | init | epochs | transfers | student test UAR | fused label test UAR |", "|---|---|---|---|---|---|"]
+    lines += [f"| {lab} | {init} | {ep} | {int(m[('student_test_uar', 'size')])} | {m[('student_test_uar', 'mean')]:.3f} | "
+              f"{m[('fused_label_test_uar', 'mean')]:.3f} |" for (lab, init, ep), m in means.iterrows()]
     with open(os.path.join(out_root, "student_bound.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -124,6 +133,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
     p.add_argument("--epochs", type=int, nargs="+", default=[16])
+    p.add_argument("--labels", nargs="+", default=["oracle", "fused"], choices=["oracle", "fused"])
+    p.add_argument("--inits", nargs="+", default=["source"], choices=sorted(INITS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--out", default="benchmarks/results/student_bound")
@@ -134,10 +145,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "student_bound.csv")
     rows = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
+    if "init" not in rows.columns:                         # rows written before --inits existed
+        rows.insert(2, "init", "source")
     pairs = [t.split(":") for t in args.transfers] if args.transfers else \
         [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
     for source, target in pairs:
-        rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, args.seed, rows)
+        rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, args.seed, rows,
+                            args.labels, args.inits)
     summarize(rows, args.out, "python benchmarks/student_bound.py " + " ".join(sys.argv[1:]))
 
 
