@@ -267,6 +267,13 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
     sums = _train_epoch(run, 0)
     assert sums["n"] == 2 and np.isfinite(sums["loss"])
     assert torch.equal(student.blocks[0][1].running_mean, before) == (batchnorm == "frozen")
+    if batchnorm == "update":                             # ... but only the weak view's batches move them
+        from mifuse_ray.train.common import running_statistics_kept
+        after = student.blocks[0][1].running_mean.clone()
+        student.train()
+        with running_statistics_kept(student):
+            student(torch.randn(2, 8000), torch.tensor([8000, 8000]))
+        assert torch.equal(student.blocks[0][1].running_mean, after) and student.blocks[0][1].momentum == 0.1
 
 
 @pytest.mark.parametrize("anchor_view", ["weak", "strong"])

@@ -1,6 +1,7 @@
 """Pieces shared by the source and student training loops (both run inside Ray Train workers)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -168,3 +169,20 @@ def shrink_perturb(model: torch.nn.Module, shrink: float, perturb: float, seed: 
             for p, f in zip(own, fresh.parameters(recurse=False)):
                 p.mul_(shrink).add_(f, alpha=perturb)
     return model
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: torch.nn.Module):
+    """BatchNorm layers in training mode normalise by the batch but leave their running statistics
+    alone inside this block. The consistency term's strong view (band-limited, reverberant, masked)
+    is not what the model sees at test time; with ``train.batchnorm: update`` its batches would
+    otherwise pull the statistics the EMA teacher and the final model normalise clean clips with."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum

@@ -25,8 +25,8 @@ from ..config import FusionConfig, MiFuseConfig, result_fields
 from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, rescale, teacher_stats, temper
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
-from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, shrink_perturb,
-                     strong_augment, warmup_cosine)
+from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, running_statistics_kept,
+                     shrink_perturb, strong_augment, warmup_cosine)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_kl
@@ -228,7 +228,8 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     if mode.consistency:
         strong_logits = logits
         if t.anchor_view != "strong":
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), \
+                    running_statistics_kept(run.student):
                 strong_logits = run.model(strong, strong_len)
         cons, kept = _consistency(run, clean, lengths, strong_logits, ema_probs)
         loss = loss + t.consistency_weight * cons
