@@ -12,8 +12,8 @@ clip's true class, so `lalm_labels` learns one-hot truth. If the oracle student 
 fused label's test UAR, no recipe that only learns from labels on these clips can pass the labels
 by much: the student and the amount of target audio limit it, not the labels.
 
-`--inits fresh` starts the student from fresh weights instead of the source model's (the init
-ablation's fresh start in `transfers.py`: batch statistics, lr 2e-3): it separates what the
+`--inits fresh` starts the student from fresh weights instead of the source model's (the
+`init_fresh` ablation in `transfers.py`: batch statistics, lr 2e-3): it separates what the
 source weights cost the student from what the labels cost it.
 
 Resumable: one CSV row per (transfer, labels, init, epochs, seed), skipped when present. The labels are the
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transfers import ABLATIONS, DOMAINS, cell_config, label_cell  # noqa: E402
 
 # the student's start: the source weights, or the init ablation's fresh start (train.* settings)
-INITS = {"source": {}, "fresh": {key.split(".")[1]: value for key, value in ABLATIONS["init"][1]}}
+INITS = {"source": {}, "fresh": {key.split(".")[1]: value for key, value in ABLATIONS["init_fresh"][0]}}
 COLUMNS = ["transfer", "labels", "init", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
            "lalm_test_uar", "train_label_uar", "clips", "seconds"]
 
