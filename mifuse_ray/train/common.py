@@ -171,13 +171,17 @@ def shrink_perturb(model: torch.nn.Module, shrink: float, perturb: float, seed: 
     return model
 
 
+def batch_norm_layers(model: torch.nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def running_statistics_kept(model: torch.nn.Module):
     """BatchNorm layers in training mode normalise by the batch but leave their running statistics
     alone inside this block. The consistency term's strong view (band-limited, reverberant, masked)
     is not what the model sees at test time; with ``train.batchnorm: update`` its batches would
     otherwise pull the statistics the EMA teacher and the final model normalise clean clips with."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = [m for m in batch_norm_layers(model) if m.training]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 0.0

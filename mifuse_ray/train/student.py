@@ -25,8 +25,8 @@ from ..config import FusionConfig, MiFuseConfig, result_fields
 from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, rescale, teacher_stats, temper
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
-from .common import (augment, crop_batch, device_for_worker, evaluate_shard, hash_seed, running_statistics_kept,
-                     shrink_perturb, strong_augment, warmup_cosine)
+from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
+                     running_statistics_kept, shrink_perturb, strong_augment, warmup_cosine)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_kl
@@ -145,7 +145,7 @@ def _adapt_norm(run: _Run) -> None:
     once on the target's clean clips (a cumulative average over one pass) before training, then
     keep them fixed. The EMA teacher starts from the same statistics (it copies buffers)."""
     cfg = run.inp.cfg
-    norms = [m for m in run.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norm_layers(run.student)
     if not norms:
         return
     rng = np.random.default_rng([cfg.train.seed, run.rank, 7])
@@ -173,7 +173,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     gen = torch.Generator().manual_seed(hash_seed(t.seed, run.rank, epoch, 1))
     run.model.train()
     if t.batchnorm == "frozen":
-        run.student.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
+        for m in batch_norm_layers(run.student):
+            m.eval()
     online_fusion = _online_fusion_on(run, epoch)
     sums: dict = {"n": 0, "online_fusion": float(online_fusion), "clips": 0, "started": time.time()}
     for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
