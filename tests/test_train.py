@@ -38,7 +38,7 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
     source = LogMelCNN()
     source.blocks[0][1].running_mean.fill_(0.7)
     before = {k: v.clone() for k, v in source.state_dict().items()}
-    a = shrink_perturb(LogMelCNN(), 1.0, 0.0, 3)
+    a = LogMelCNN()
     a.load_state_dict(before)
     assert all(torch.equal(v, before[k]) for k, v in shrink_perturb(a, 1.0, 0.0, 3).state_dict().items())
     b, c = LogMelCNN(), LogMelCNN()
@@ -54,7 +54,7 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
             assert not torch.allclose(p - 0.5 * before[name], 0.05 * before[name]), name
     conv = b.blocks[0][0]
     bound = 1 / (conv.in_channels * 9) ** 0.5             # Conv2d's own init bound, times 0.1
-    assert (b.blocks[0][0].weight - 0.5 * before["blocks.0.0.weight"]).abs().max() <= 0.1 * bound + 1e-7
+    assert (conv.weight - 0.5 * before["blocks.0.0.weight"]).abs().max() <= 0.1 * bound + 1e-7
     assert torch.equal(b.blocks[0][1].running_mean, before["blocks.0.1.running_mean"])
     cfg = MiFuseConfig()
     cfg.train.init, cfg.train.lora_rank = "shrink_perturb", 8
