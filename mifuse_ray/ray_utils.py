@@ -26,6 +26,10 @@ def init_ray(address: str = "", logical_cpus: int | None = None, verbose: bool =
         ray.init(address=address, **quiet)
     else:
         cpus = logical_cpus or max(8, 4 * (os.cpu_count() or 1))
-        ray.init(address="local", num_cpus=cpus, **quiet)
+        # The raylet expects as many workers starting at once as there are cores and warns on the
+        # console ("8 PYTHON worker processes ... 4x the maximum expected startup concurrency") when
+        # the logical CPUs declared above are used as intended; expect that many instead.
+        ray.init(address="local", num_cpus=cpus, _system_config={"worker_maximum_startup_concurrency": cpus},
+                 **quiet)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
