@@ -40,6 +40,9 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # the fresh start trained three times as long: with the true labels it needs ~48 epochs to pass
              # the fused label (benchmarks/student_bound.py)
              "init_fresh_long": [FRESH_START + (("train.epochs", 48),)],
+             # learn the label only where the fused label's top class reaches 0.5 (about half the clips); the
+             # rest still count in the consistency term
+             "min_confidence": [("fusion.min_confidence", 0.5)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],
