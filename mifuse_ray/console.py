@@ -12,19 +12,35 @@ log = logging.getLogger("mifuse_ray")
 
 
 def quiet_ray(log_dir: str, verbose: bool) -> str | None:
-    """Send the ``ray`` loggers (Ray Data's plans and progress, Train, Tune) to ``<log_dir>/ray.log``
-    instead of the console, unless ``verbose``. Returns the log file's path."""
+    """Send the ``ray`` loggers (Ray Data's plans and progress, Train, Tune) and Python's warnings to
+    ``<log_dir>/ray.log`` instead of the console, unless ``verbose``. Returns the log file's path.
+
+    Ray Data configures its ``ray.data`` logger on import with a console handler of its own and no
+    propagation, so quieting ``ray`` alone leaves three lines per dataset on stderr: that logger keeps
+    its session log file and writes to ours instead of the console."""
     if verbose:
         return None
+    import ray.data  # noqa: F401  (configures the "ray.data" logger: it must exist before it is redirected)
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, "ray.log")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers = [handler]
     ray_logger.setLevel(logging.INFO)
     ray_logger.propagate = False
+    data_logger = logging.getLogger("ray.data")        # keeps its session log file (and its level)
+    data_logger.handlers = [h for h in data_logger.handlers if not _writes_to_console(h)] + [handler]
+    logging.captureWarnings(True)                      # library deprecation warnings: the file, not the console
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers = [handler]
+    warnings_logger.propagate = False
     return path
+
+
+def _writes_to_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
 
 @contextlib.contextmanager

@@ -61,6 +61,9 @@ def test_console_is_short_and_ends_with_the_summary(adapt_run):
     assert lines[-1].startswith("report: ") and any(line.startswith("mifuse_ema") for line in lines[-7:])
     assert sum("done in" in line for line in lines) >= 5
     assert os.path.exists(os.path.join(out, "logs", "ray.log"))
+    # Ray Data's plans went to that file, not to stderr (its logger has a console handler of its own)
+    assert "Execution plan of Dataset" not in proc.stderr
+    assert "Execution plan of Dataset" in open(os.path.join(out, "logs", "ray.log")).read()
 
 
 def test_rerun_reuses_labels_answers_and_checkpoints(adapt_run):
