@@ -7,7 +7,10 @@ import pytest
 
 @pytest.fixture
 def restored_logging():
-    """quiet_ray changes process-wide loggers: put them back for the tests that follow."""
+    """quiet_ray changes process-wide loggers: put them back for the tests that follow. Warnings
+    capture starts off, as in a fresh job: an earlier test in the session may have left it on while
+    pytest's per-test warning recorder put back the original ``warnings.showwarning``."""
+    logging.captureWarnings(False)
     names = ("ray", "ray.data", "py.warnings")
     saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level, logging.getLogger(n).propagate)
              for n in names}
