@@ -52,7 +52,8 @@ def ray_cluster():
     import ray
     # A cluster-wide API key, as a KubeRay Secret puts it in every node's environment (see test_reliability).
     os.environ["MIFUSE_CLUSTER_KEY"] = "sk-mifuse-reliability-SECRET-7171"
-    ctx = ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+    from mifuse_ray.ray_utils import local_cluster_resources
+    ctx = ray.init(address="local", **local_cluster_resources(8), include_dashboard=True, dashboard_host="127.0.0.1",
                    logging_level="WARNING", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
