@@ -12,11 +12,10 @@ log = logging.getLogger(__name__)
 def local_cluster_resources(cpus: int) -> dict:
     """``ray.init`` arguments for a one-machine cluster declaring ``cpus`` logical CPUs.
 
-    The raylet expects as many workers starting at once as there are cores. When the declared CPUs
-    are used as intended (tasks and actors asking for fractions), it starts them a core's worth
-    at a time and warns on the console ("8 PYTHON worker processes ... 4x the maximum expected
-    startup concurrency"): sixteen half-CPU decode tasks then took 17 s instead of 1.4 s for 64
-    clips here. Expect that many instead."""
+    The raylet expects as many workers starting at once as there are cores and warns on the
+    console ("8 PYTHON worker processes ... 4x the maximum expected startup concurrency") when the
+    declared CPUs are used as intended (tasks and actors asking for fractions); expect that many
+    instead. The test session's cluster starts the same way as a job's."""
     return {"num_cpus": cpus, "_system_config": {"worker_maximum_startup_concurrency": cpus}}
 
 

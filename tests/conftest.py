@@ -84,6 +84,20 @@ def source_model(ray_cluster, demo_root, tmp_path_factory):
     return summary["checkpoint"]
 
 
+def subset_manifest(demo_root: str, domain: str, out: str, per_split: int | None = None,
+                    splits=("adapt", "dev", "test")) -> str:
+    """A manifest of the first ``per_split`` clips of each of ``splits`` of a demo domain, with
+    absolute paths, written to ``out``: jobs that prove plumbing (a job submission, faults, a
+    killed driver) need a few dozen clips, not the domain."""
+    import pandas as pd
+    manifest = pd.read_parquet(os.path.join(demo_root, domain, "manifest.parquet"))
+    parts = [manifest[manifest.split == split].head(per_split) for split in splits]
+    subset = pd.concat(parts).reset_index(drop=True)
+    subset["path"] = [p if os.path.isabs(p) else os.path.join(demo_root, domain, p) for p in subset.path]
+    subset.to_parquet(out)
+    return out
+
+
 def wait_for(predicate, timeout=60.0, interval=0.2):
     end = time.time() + timeout
     while time.time() < end:

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subset_manifest
 
 SECRET = "sk-mifuse-test-SECRET-4242"
 
@@ -156,8 +156,9 @@ def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, tmp_pa
     readme = open(os.path.join(REPO, "README.md")).read()
     assert "bash scripts/submit_demo_job.sh" in readme
     out = str(tmp_path / "job")
+    target = subset_manifest(demo_root, "podcast", str(tmp_path / "clips.parquet"), per_split=32)
     proc = subprocess.run(
-        ["bash", "scripts/submit_demo_job.sh", "--target", os.path.join(demo_root, "podcast", "manifest.parquet"),
+        ["bash", "scripts/submit_demo_job.sh", "--target", target,
          "--source.checkpoint", source_model, "--output", out, "--lalm.answers_per_clip", "2", "--source.passes_per_clip", "2",
          "--train.epochs", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -174,8 +175,8 @@ def test_tune_two_trials(adapt_run, source_model, demo_root):
     out, _, _ = adapt_run
     cfg = MiFuseConfig()
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
-    cfg.train.epochs, cfg.train.cpus_per_worker, cfg.audio.train_crop_s = 2, 0.5, 1.0
-    labels = pd.read_parquet(os.path.join(out, "labels", "labels.parquet"))
+    cfg.train.epochs, cfg.train.cpus_per_worker, cfg.audio.train_crop_s = 1, 0.5, 1.0
+    labels = pd.read_parquet(os.path.join(out, "labels", "labels.parquet")).head(64)
     dev = labelled_split(os.path.join(demo_root, "call_centre", "manifest.parquet"), "dev", cfg.labels).head(24)
     space = {"fusion.lalm_answers_used": ["grid", [1, 3]], "fusion.tau": ["choice", [0.5]]}
     table, best = run_tune(cfg, labels, dev, source_model, out, space, num_samples=1, max_concurrent=2)

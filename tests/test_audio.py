@@ -105,6 +105,7 @@ def test_training_clips_come_in_manifest_order(ray_cluster, demo_root):
     """Sixteen decode blocks finish in whatever order the cluster runs them; the clips a training run
     sees are in manifest order all the same, so its seeded shuffles and batches repeat run to run."""
     from mifuse_ray.data import streamed_clips
-    df = list_inputs(os.path.join(demo_root, "call_centre", "manifest.parquet"), split="adapt").head(64)
+    # podcast is stored at the model's rate: no resampling, so no decode worker imports torch (~3 s of CPU each)
+    df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(64)
     for _ in range(2):
         assert list(streamed_clips(df, AudioConfig(), batch_size=4).to_pandas()["clip_id"]) == list(df["clip_id"])

@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 
-from conftest import REPO, wait_for
+from conftest import REPO, subset_manifest, wait_for
 from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 
 
@@ -31,7 +31,7 @@ def label_cmd(target, model, out, url, extra=()):
 
 
 def test_misbehaving_lalm_loses_no_clip(ray_cluster, source_model, demo_root, tmp_path):
-    target = os.path.join(demo_root, "call_centre", "manifest.parquet")
+    target = subset_manifest(demo_root, "call_centre", str(tmp_path / "clips.parquet"), per_split=40)
     cfg = ServerConfig(fail_rate=0.2, retry_after_s=0.1, hang_s=3.0, latency_s=0.01, seed=3)
     with BackgroundServer(cfg) as server:
         proc = subprocess.run(label_cmd(target, source_model, str(tmp_path), server.url,
@@ -57,12 +57,9 @@ def test_misbehaving_lalm_loses_no_clip(ray_cluster, source_model, demo_root, tm
 
 
 def test_killed_driver_resumes_from_cache_with_identical_output(ray_cluster, source_model, demo_root, tmp_path):
-    manifest = pd.read_parquet(os.path.join(demo_root, "podcast", "manifest.parquet"))
-    adapt = manifest[manifest.split == "adapt"].copy()              # only the adaptation split: one stage
-    adapt["path"] = [os.path.join(demo_root, "podcast", p) for p in adapt.path]
-    target = str(tmp_path / "adapt.parquet")
-    adapt.to_parquet(target)
-    n_clips = len(adapt)
+    target = subset_manifest(demo_root, "podcast", str(tmp_path / "adapt.parquet"), per_split=80,
+                             splits=("adapt",))                    # only the adaptation split: one stage
+    n_clips = len(pd.read_parquet(target))
     total = n_clips * 3
     with BackgroundServer(ServerConfig(latency_s=0.05)) as server:
         args = ["--lalm.concurrency", "4"]
@@ -107,11 +104,7 @@ def test_api_key_reaches_the_endpoint_and_is_never_written(ray_cluster, source_m
        Ray's runtime-env agent writes those values to its log.
     """
     import ray
-    manifest = pd.read_parquet(os.path.join(demo_root, "podcast", "manifest.parquet"))
-    subset = manifest[manifest.split == "adapt"].head(16).copy()
-    subset["path"] = [os.path.join(demo_root, "podcast", p) if not os.path.isabs(p) else p for p in subset.path]
-    target = str(tmp_path / "subset.parquet")
-    subset.to_parquet(target)
+    target = subset_manifest(demo_root, "podcast", str(tmp_path / "subset.parquet"), per_split=16, splits=("adapt",))
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     with BackgroundServer(ServerConfig(api_key=SECRET)) as server:
         driver = subprocess.run(label_cmd(target, source_model, str(tmp_path / "driver"), server.url,
