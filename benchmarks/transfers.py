@@ -43,6 +43,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # learn the label only where the fused label's top class reaches 0.5 (41–79 % of the clips by cell); the
              # rest still count in the consistency term
              "min_confidence": [("fusion.min_confidence", 0.5)],
+             # the label term on mixed pairs of clips and labels (robustness to the labels' errors)
+             "mixup": [("train.mixup_alpha", 0.4)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],

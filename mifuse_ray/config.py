@@ -156,6 +156,8 @@ class TrainConfig:
     # and the strong view only in the consistency term (two student passes); "strong": both terms on it
     anchor_view: Literal["weak", "strong"] = "weak"
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
+    # > 0: the label term learns mixed pairs of clips and labels, λ ~ Beta(α, α) (not with anchor_view "strong")
+    mixup_alpha: float = 0.0
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
     online_fusion_from_epoch: int = 2   # from this epoch the EMA model may be the auxiliary teacher ...
     online_fusion_gate: bool = True     # ... once its dev UAR passes the fused label's (when a dev split exists)

@@ -78,7 +78,9 @@ def source_model(ray_cluster, demo_root, tmp_path_factory):
     from mifuse_ray.config import MiFuseConfig
     from mifuse_ray.train.source import train_source
     cfg = MiFuseConfig()
-    cfg.source_train.epochs = 20
+    # twice the default learning rate for half the epochs: dev UAR 0.64 in 55 s here, against 0.77 in 92 s
+    # for 20 epochs; test_demo_domains_are_a_real_shift checks it is still a source model worth adapting
+    cfg.source_train.epochs, cfg.source_train.lr = 12, 4e-3
     out = str(tmp_path_factory.mktemp("source"))
     summary = train_source(cfg, os.path.join(demo_root, "acted_studio", "manifest.parquet"), out)
     return summary["checkpoint"]

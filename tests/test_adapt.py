@@ -85,7 +85,7 @@ def test_api_key_never_written(adapt_run):
                 assert SECRET.encode() not in fh.read(), os.path.join(root, name)
 
 
-@pytest.mark.parametrize("args,message", [
+USER_ERRORS = [
     (["--source.checkpoint", "/nonexistent/model", "--target", "{target}"], "checkpoint not found"),
     (["--labels", "calm,joy,rage,grief", "--source.checkpoint", "{model}", "--target", "{target}"],
      "trained on labels"),
@@ -96,17 +96,37 @@ def test_api_key_never_written(adapt_run):
     (["--output", "/proc/not_writable"], "not writable"),
     (["--lalm.answers_per_clip", "0"], "lalm.answers_per_clip"),
     (["--no.such_key", "1"], "unrecognized arguments"),
-])
-def test_user_errors_end_in_one_clear_message(ray_cluster, source_model, demo_root, tmp_path, args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def user_error_runs(ray_cluster, source_model, demo_root, tmp_path_factory):
+    """Every case's job at once: each is a driver that starts, meets the mistake and exits, so
+    running them side by side costs one start-up instead of seven."""
     target = os.path.join(demo_root, "call_centre", "manifest.parquet")
-    args = [a.format(model=source_model, target=target) for a in args]
-    if "--output" not in args:
-        args += ["--output", str(tmp_path / "o")]
-    proc = run_job(args, timeout=300)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "o" / "lalm_cache").exists()            # nothing was sent
+    env = {**os.environ, "MIFUSE_LALM_API_KEY": SECRET}
+    procs = []
+    for args, _ in USER_ERRORS:
+        out = tmp_path_factory.mktemp("user_error")
+        args = [a.format(model=source_model, target=target) for a in args]
+        if "--output" not in args:
+            args += ["--output", str(out / "o")]
+        procs.append((out, subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "adapt.py"), *args], cwd=REPO,
+                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    runs = []
+    for out, proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        runs.append((out, proc.returncode, stdout, stderr))
+    return runs
+
+
+@pytest.mark.parametrize("case", range(len(USER_ERRORS)), ids=[message for _, message in USER_ERRORS])
+def test_user_errors_end_in_one_clear_message(user_error_runs, case):
+    out, returncode, _, stderr = user_error_runs[case]
+    assert returncode == 2, stderr[-2000:]
+    assert USER_ERRORS[case][1] in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "o" / "lalm_cache").exists()                 # nothing was sent
 
 
 def test_every_user_error_is_found_before_the_first_request(ray_cluster, demo_root, tmp_path):

@@ -62,6 +62,29 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
         validate(cfg)
 
 
+def test_mixup_mixes_clips_labels_and_weights_by_one_lambda():
+    from mifuse_ray.train.common import mixup
+    wav = torch.stack([torch.full((6,), float(i)) for i in range(4)])
+    lengths = torch.tensor([6, 3, 5, 2])
+    q = torch.eye(4)
+    q[3] = float("nan")                                               # a clip without a label
+    weight = torch.tensor([1.0, 1.0, 0.5, 0.0])
+    same = mixup(wav, lengths, q, weight, 0.0, np.random.default_rng(0))
+    assert same[0] is wav and same[2] is q                            # α = 0: off
+    mixed_wav, mixed_len, mixed_q, mixed_w = mixup(wav, lengths, q, weight, 1.0, np.random.default_rng(0))
+    again = mixup(wav, lengths, q, weight, 1.0, np.random.default_rng(0))
+    assert all(torch.equal(a, b) for a, b in zip((mixed_wav, mixed_len, mixed_q, mixed_w), again))   # seeded
+    rng = np.random.default_rng(0)
+    lam, partner = rng.beta(1.0, 1.0), rng.permutation(4)
+    for i, j in enumerate(partner):
+        assert mixed_wav[i, 0].item() == pytest.approx(lam * i + (1 - lam) * j, abs=1e-6)
+        assert mixed_len[i] == max(lengths[i], lengths[j])
+        assert mixed_w[i].item() == pytest.approx(float(lam * weight[i] + (1 - lam) * weight[j]), abs=1e-6)
+        assert mixed_q[i].sum().item() == pytest.approx(1.0, abs=1e-6) and not mixed_q[i].isnan().any()
+        if i != 3 and j != 3:
+            assert mixed_q[i, i].item() == pytest.approx(lam if i != j else 1.0, abs=1e-6)
+
+
 def test_losses_by_hand():
     q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     logits = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))

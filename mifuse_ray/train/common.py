@@ -53,6 +53,26 @@ def augment(wav: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, nois
     return (wav + noise * mask).clamp(-1, 1), lengths
 
 
+def mixup(wav: torch.Tensor, lengths: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mix each clip with another of the batch by one λ ~ Beta(α, α): waveforms, soft labels and
+    clip weights alike (a mixed clip is as long as the longer of its two).
+
+    Why: a small target learnt from labels that are wrong 40 % of the time is memorised, errors
+    included; mixup keeps the student from fitting any single label exactly (Zhang et al., 2018,
+    found it resists corrupted labels). A clip without a label (weight 0) only lends its audio.
+    ``rng`` is the step's seeded generator, so a resumed run mixes the same pairs."""
+    if alpha <= 0 or len(wav) < 2:
+        return wav, lengths, q, weight
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(len(wav))).to(wav.device)
+    q = torch.nan_to_num(q, nan=0.0)
+    mixed_q = lam * q + (1 - lam) * q[partner]
+    mixed_q = mixed_q / mixed_q.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (lam * wav + (1 - lam) * wav[partner], torch.maximum(lengths, lengths[partner]), mixed_q,
+            lam * weight + (1 - lam) * weight[partner])
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_frac: float):
     warmup = max(1, int(total_steps * warmup_frac))
 

@@ -26,7 +26,7 @@ from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, 
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
 from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
-                     running_statistics_kept, shrink_perturb, strong_augment, warmup_cosine)
+                     mixup, running_statistics_kept, shrink_perturb, strong_augment, warmup_cosine)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_kl
@@ -214,6 +214,10 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     if online_fusion:
         q, c, weights, ema_probs = _online_fused_q(run, clean, lengths, batch)
         terms["weight_lalm"] = float(weights[:, 0].mean())
+    # mixup only where the label term has a forward pass of its own (with anchor_view "strong" the
+    # consistency term reuses it and must see unmixed clips)
+    if t.mixup_alpha > 0 and mode.loss != "information_max" and not (mode.consistency and t.anchor_view == "strong"):
+        view, view_len, q, c = mixup(view, view_len, q, c, t.mixup_alpha, rng)
     use_amp = t.amp and device.type == "cuda"
     need_frames = t.cka_weight > 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
