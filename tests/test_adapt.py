@@ -22,7 +22,9 @@ def run_job(args, env_extra=None, timeout=900):
 @pytest.fixture(scope="module")
 def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adapt"))
-    args = ["--target", os.path.join(demo_root, "call_centre", "manifest.parquet"), "--source.checkpoint",
+    target = subset_manifest(demo_root, "call_centre", str(tmp_path_factory.mktemp("clips") / "clips.parquet"),
+                             per_split=48)
+    args = ["--target", target, "--source.checkpoint",
             source_model, "--output", out, "--lalm.answers_per_clip", "3", "--source.passes_per_clip", "4", "--train.epochs", "2",
             "--train.online_fusion_from_epoch", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"]
     first = run_job(args)
