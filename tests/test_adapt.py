@@ -13,10 +13,15 @@ from conftest import REPO, subset_manifest
 SECRET = "sk-mifuse-test-SECRET-4242"
 
 
-def run_job(args, env_extra=None, timeout=900):
+def job_command(args, env_extra=None):
+    """jobs/adapt.py with these arguments, and its environment (the LALM key set)."""
     env = {**os.environ, "MIFUSE_LALM_API_KEY": SECRET, **(env_extra or {})}
-    return subprocess.run([sys.executable, os.path.join(REPO, "jobs", "adapt.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, os.path.join(REPO, "jobs", "adapt.py"), *args], env
+
+
+def run_job(args, env_extra=None, timeout=900):
+    command, env = job_command(args, env_extra)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +111,15 @@ def user_error_runs(ray_cluster, source_model, demo_root, tmp_path_factory):
     """Every case's job at once: each is a driver that starts, meets the mistake and exits, so
     running them side by side costs one start-up instead of seven."""
     target = os.path.join(demo_root, "call_centre", "manifest.parquet")
-    env = {**os.environ, "MIFUSE_LALM_API_KEY": SECRET}
     procs = []
     for args, _ in USER_ERRORS:
         out = tmp_path_factory.mktemp("user_error")
         args = [a.format(model=source_model, target=target) for a in args]
         if "--output" not in args:
             args += ["--output", str(out / "o")]
-        procs.append((out, subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "adapt.py"), *args], cwd=REPO,
-                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        command, env = job_command(args)
+        procs.append((out, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)))
     runs = []
     for out, proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
