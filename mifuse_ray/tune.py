@@ -77,7 +77,8 @@ def run_tune(cfg: MiFuseConfig, labels_table, dev_df, source_checkpoint: str, ou
     tuner = tune.Tuner(
         trainable, param_space=to_tune_space(space),
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=num_samples, search_alg=searcher,
-                                    scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(grace_epochs, cfg.train.epochs)),
+                                    scheduler=ASHAScheduler(max_t=cfg.train.epochs,
+                                                            grace_period=min(grace_epochs, cfg.train.epochs)),
                                     max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(storage_path=os.path.abspath(os.path.join(out_dir, "_ray_tune")), name="search"))
     results = tuner.fit()

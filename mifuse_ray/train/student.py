@@ -198,7 +198,8 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     # augmentation); the consistency term on the strong view. anchor_view "strong" puts both on the strong
     # view, one forward pass fewer.
     view, view_len = clean, lengths
-    if t.augment and not (mode.consistency and t.anchor_view == "strong"):
+    own_anchor_pass = not (mode.consistency and t.anchor_view == "strong")   # else the anchor reuses the strong pass
+    if t.augment and own_anchor_pass:
         view, view_len = augment(clean, lengths, gen, t.noise_snr_db, t.gain_db, max_shift, t.speed_range)
     strong = strong_len = None
     if mode.consistency:
@@ -216,7 +217,7 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
         terms["weight_lalm"] = float(weights[:, 0].mean())
     # mixup only where the label term has a forward pass of its own (with anchor_view "strong" the
     # consistency term reuses it and must see unmixed clips)
-    if t.mixup_alpha > 0 and mode.loss != "information_max" and not (mode.consistency and t.anchor_view == "strong"):
+    if t.mixup_alpha > 0 and mode.loss != "information_max" and own_anchor_pass:
         view, view_len, q, c = mixup(view, view_len, q, c, t.mixup_alpha, rng)
     use_amp = t.amp and device.type == "cuda"
     need_frames = t.cka_weight > 0
