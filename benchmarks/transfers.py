@@ -45,6 +45,11 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "min_confidence": [("fusion.min_confidence", 0.5)],
              # the label term on mixed pairs of clips and labels (robustness to the labels' errors)
              "mixup": [("train.mixup_alpha", 0.4)],
+             # the generalised cross-entropy instead of the KL in the label term (labels the student doubts pull less)
+             "gce": [("train.label_loss", "gce")],
+             # the fused label sharpened (q^(1/T), after balancing): its median top class is ~0.5 with a
+             # ~0.2 margin, which the student matches in KL while its argmax agrees on only ~60 % of clips
+             "sharpen": [("fusion.sharpen_temperature", v) for v in (0.5, 0.25)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],

@@ -158,6 +158,10 @@ class TrainConfig:
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
     # > 0: the label term learns mixed pairs of clips and labels, λ ~ Beta(α, α) (not with anchor_view "strong")
     mixup_alpha: float = 0.0
+    # the label term: the KL to the soft label, or its generalised cross-entropy (train.gce_k), which lets
+    # labels the student has come to disagree with pull less (losses.soft_label_gce)
+    label_loss: Literal["kl", "gce"] = "kl"
+    gce_k: float = 0.7
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
     online_fusion_from_epoch: int = 2   # from this epoch the EMA model may be the auxiliary teacher ...
     online_fusion_gate: bool = True     # ... once its dev UAR passes the fused label's (when a dev split exists)
@@ -370,6 +374,7 @@ def validate(cfg: MiFuseConfig) -> None:
         (cfg.fusion.prior != "given" or len(cfg.fusion.prior_values) == len(cfg.labels),
          "fusion.prior_values needs one value per label with fusion.prior: given"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (0 < cfg.train.gce_k <= 1, "train.gce_k must be in (0, 1] (→ 0: cross-entropy, 1: mean absolute error)"),
         (len(cfg.labels) >= 2 and len(set(cfg.labels)) == len(cfg.labels), "labels must be ≥ 2 distinct names"),
         (cfg.train.distill_kl_weight >= 0 and cfg.train.cka_weight >= 0 and cfg.train.distill_temperature > 0,
          "train.distill_kl_weight and train.cka_weight must be ≥ 0, train.distill_temperature > 0"),

@@ -97,6 +97,30 @@ def test_losses_by_hand():
     assert information_maximization(uniform).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_generalised_cross_entropy_by_hand_and_its_gradient():
+    from mifuse_ray.train.losses import soft_label_gce
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    logits = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.9, 0.1]])).requires_grad_()
+    weight = torch.tensor([1.0, 1.0, 0.0])                                # the third clip weighted out
+    gce = soft_label_gce(q, logits, weight, 0.7)
+    assert gce.item() == pytest.approx(((1 - 0.8 ** 0.7) + (1 - 0.5 ** 0.7)) / 0.7 / 2, abs=1e-6)
+    # k → 0: the cross-entropy; k = 1: 1 − p_y
+    assert soft_label_gce(q[:1], logits[:1], weight[:1], 1e-4).item() == pytest.approx(-np.log(0.8), rel=1e-3)
+    assert soft_label_gce(q[:1], logits[:1], weight[:1], 1.0).item() == pytest.approx(0.2, abs=1e-6)
+    # the gradient is the cross-entropy's times p_y^k: a label the student doubts pulls less
+    one_hot = q[:1]
+    for p_y in (0.8, 0.2):
+        z = torch.log(torch.tensor([[p_y, 1 - p_y]])).requires_grad_()
+        soft_label_gce(one_hot, z, torch.ones(1), 0.7).backward()
+        ce_grad = torch.tensor([[p_y - 1, 1 - p_y]])
+        assert torch.allclose(z.grad, p_y ** 0.7 * ce_grad, atol=1e-6)
+    from mifuse_ray.config import ConfigError, validate
+    cfg = MiFuseConfig()
+    cfg.train.label_loss, cfg.train.gce_k = "gce", 0.0
+    with pytest.raises(ConfigError, match="train.gce_k"):
+        validate(cfg)
+
+
 @pytest.fixture(scope="module")
 def small_labels(ray_cluster, source_model, demo_root, tmp_path_factory):
     """A labels.parquet for 48 adaptation clips (real teachers over real HTTP)."""

@@ -14,6 +14,20 @@ def soft_label_kl(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Tens
     return (clip_weight * kl).sum() / total.clamp_min(1e-8)
 
 
+def soft_label_gce(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Tensor, k: float) -> torch.Tensor:
+    """(1/Σc) Σ c(x) Σ_y q_y(x) (1 − p_θ(y|x)^k) / k: the generalised cross-entropy (Zhang & Sabuncu, 2018)
+    of the soft label, for labels that are often wrong.
+
+    Why: its gradient is the cross-entropy's times p_θ(y|x)^k, so a label the student has come to
+    disagree with pulls less than one it agrees with: the student's own view of a clip weighs against
+    memorising a wrong label. k → 0 is the cross-entropy (the KL up to a constant), k = 1 the mean
+    absolute error."""
+    p = F.softmax(logits.float(), -1)
+    q = torch.nan_to_num(q.float(), nan=0.0)
+    per_clip = (q * (1.0 - p.clamp_min(1e-12) ** k) / k).sum(-1)
+    return (clip_weight * per_clip).sum() / clip_weight.sum().clamp_min(1e-8)
+
+
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over DDP ranks that keeps the local gradient path (other ranks enter as constants)."""
     import torch.distributed as dist

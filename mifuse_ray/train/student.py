@@ -29,7 +29,7 @@ from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, 
                      mixup, running_statistics_kept, shrink_perturb, strong_augment, warmup_cosine)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
-from .losses import diversity_kl, information_maximization, soft_label_kl
+from .losses import diversity_kl, information_maximization, soft_label_gce, soft_label_kl
 from .modes import MODES, Mode
 
 HISTORY_FILE = "history.json"
@@ -228,7 +228,7 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     if mode.loss == "information_max":
         anchor = loss = information_maximization(logits)
     else:
-        anchor = soft_label_kl(q, logits, c)
+        anchor = soft_label_gce(q, logits, c, t.gce_k) if t.label_loss == "gce" else soft_label_kl(q, logits, c)
         loss = anchor + t.lambda_div * diversity_kl(probs, torch.tensor(run.inp.prior, device=device))
     terms["anchor"], terms["div"] = float(anchor.detach()), float((loss - anchor).detach())
     if mode.consistency:
