@@ -10,8 +10,7 @@ def soft_label_kl(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Tens
     logp = F.log_softmax(logits.float(), -1)
     q = torch.nan_to_num(q.float(), nan=0.0)
     kl = (torch.where(q > 0, q * (torch.log(q.clamp_min(1e-12)) - logp), torch.zeros_like(q))).sum(-1)
-    total = clip_weight.sum()
-    return (clip_weight * kl).sum() / total.clamp_min(1e-8)
+    return _clip_weighted_mean(kl, clip_weight)
 
 
 def soft_label_gce(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Tensor, k: float) -> torch.Tensor:
@@ -24,7 +23,11 @@ def soft_label_gce(q: torch.Tensor, logits: torch.Tensor, clip_weight: torch.Ten
     absolute error."""
     p = F.softmax(logits.float(), -1)
     q = torch.nan_to_num(q.float(), nan=0.0)
-    per_clip = (q * (1.0 - p.clamp_min(1e-12) ** k) / k).sum(-1)
+    return _clip_weighted_mean((q * (1.0 - p.clamp_min(1e-12) ** k) / k).sum(-1), clip_weight)
+
+
+def _clip_weighted_mean(per_clip: torch.Tensor, clip_weight: torch.Tensor) -> torch.Tensor:
+    """(1/Σc) Σ c(x) · per_clip(x): clips with c = 0 do not count (0 when none counts)."""
     return (clip_weight * per_clip).sum() / clip_weight.sum().clamp_min(1e-8)
 
 
