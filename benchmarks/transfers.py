@@ -50,6 +50,10 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # the fused label sharpened (q^(1/T), after balancing): its median top class is ~0.5 with a
              # ~0.2 margin, which the student matches in KL while its argmax agrees on only ~60 % of clips
              "sharpen": [("fusion.sharpen_temperature", v) for v in (0.5, 0.25)],
+             # the learning rate kept after the warm-up, so that the EMA teacher averages a student still moving
+             # (under the cosine the EMA equals the annealed final student), at the default α and a longer one
+             "ema_average": [("train.lr_decay", "constant"),
+                             (("train.lr_decay", "constant"), ("train.ema_decay", 0.99))],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],

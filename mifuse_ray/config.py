@@ -136,6 +136,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_frac: float = 0.1
+    # after the warm-up: "cosine" anneals the student to a zero learning rate (the EMA then equals it);
+    # "constant" keeps the rate, and the EMA teacher averages the student's last ~1/(1 − α) steps
+    lr_decay: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 5.0
     lambda_div: float = 1.0
     prior: Literal["uniform", "q_mean"] = "uniform"

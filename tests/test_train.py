@@ -62,6 +62,23 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
         validate(cfg)
 
 
+def test_lr_schedule_warms_up_then_anneals_or_stays():
+    from mifuse_ray.train.common import lr_schedule
+    rates = {}
+    for decay in ("cosine", "constant"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = lr_schedule(opt, 100, 0.1, decay)
+        rates[decay] = []
+        for _ in range(100):
+            rates[decay].append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    for decay, r in rates.items():
+        assert np.allclose(r[:10], np.arange(1, 11) / 10)           # linear warm-up over 10 % of the steps
+    assert rates["cosine"][55] == pytest.approx(0.5, abs=0.02) and rates["cosine"][-1] < 0.01
+    assert all(v == 1.0 for v in rates["constant"][10:])
+
+
 def test_mixup_mixes_clips_labels_and_weights_by_one_lambda():
     from mifuse_ray.train.common import mixup
     wav = torch.stack([torch.full((6,), float(i)) for i in range(4)])
@@ -164,7 +181,7 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     """A rerun after an interruption continues from the saved step with the saved optimiser state."""
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.student import _load_checkpoint, train_student
-    from mifuse_ray.train.common import warmup_cosine
+    from mifuse_ray.train.common import lr_schedule
     table, dev = small_labels
     first = train_student(tiny_cfg(epochs=1), table, dev, source_model, str(tmp_path), run_name="r")
     runs = os.path.join(tmp_path, "_ray_train", "r")
@@ -174,7 +191,7 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     student = load_model(source_model)
     ema = EMATeacher(student, 0.9)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    sched = warmup_cosine(opt, 100, 0.1)
+    sched = lr_schedule(opt, 100, 0.1)
     balances = {"ema": OnlineBalance([0.25] * 4), "fused": OnlineBalance([0.25] * 4),
                 "consistency": OnlineBalance([0.25] * 4)}
     step, epoch, history = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched, balances)
@@ -359,3 +376,21 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
         assert not torch.equal(seen[1][:, :clean.shape[1]], clean)
     else:
         assert len(seen) == 1 and not torch.equal(seen[0][:, :clean.shape[1]], clean)
+
+
+def test_readme_training_modes_table_matches_the_modes():
+    """README 'Training modes' is written by hand from train/modes.py: every flag there must agree."""
+    from mifuse_ray.train.modes import MODES
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("### Training modes", 1)[1].split("\n### ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `") and not line.startswith("| `train.mode`")]
+    header = [c.strip() for c in next(line for line in section.splitlines()
+                                      if line.startswith("| `train.mode`")).strip("|").split("|")]
+    assert {r[0].strip("`") for r in rows} == set(MODES)
+    for row in rows:
+        cells, mode = dict(zip(header, row)), MODES[row[0].strip("`")]
+        for column, flag in (("EMA", mode.ema), ("consistency", mode.consistency),
+                             ("re-fusion", mode.online_fusion), ("mixup", mode.mixup)):
+            assert cells[column].startswith("yes") == flag, (row[0], column)
+        assert cells["frozen"] == (", ".join(mode.frozen) or "-"), row[0]

@@ -73,12 +73,17 @@ def mixup(wav: torch.Tensor, lengths: torch.Tensor, q: torch.Tensor, weight: tor
             lam * weight + (1 - lam) * weight[partner])
 
 
-def warmup_cosine(optimizer, total_steps: int, warmup_frac: float):
+def lr_schedule(optimizer, total_steps: int, warmup_frac: float, decay: str = "cosine"):
+    """A linear warm-up, then a cosine decay to zero or a constant rate. With "constant" the student
+    never anneals, so the EMA teacher is what averages its last ~1/(1 − α) steps (SWA-like), instead
+    of equalling a student whose learning rate has already reached zero."""
     warmup = max(1, int(total_steps * warmup_frac))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

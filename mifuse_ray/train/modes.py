@@ -16,6 +16,9 @@ class Mode:
     consistency: bool        # EMA teacher on the clean view → student on a strong view, confidence-masked
     online_fusion: bool      # re-fuse q online with the EMA teacher in the source's place
     frozen: tuple = ()       # parts kept fixed: "classifier" (SHOT keeps the source hypothesis)
+    # the label term on mixed pairs of clips and labels (train.mixup_alpha): every student that learns labels
+    # with the shipped recipe's loss, not the paper's two recipes, which are kept as the paper describes them
+    mixup: bool = True
     about: str = ""
 
 
@@ -23,17 +26,18 @@ MODES: dict[str, Mode] = {
     "mifuse": Mode("chosen", "soft_label", ema=True, consistency=True, online_fusion=True,
                    about="the shipped recipe: balanced, dev-chosen fused labels as the anchor, EMA consistency, "
                          "online re-fusion once the EMA beats the labels on dev"),
-    "mifuse_paper": Mode("mifuse_paper", "soft_label", ema=True, consistency=False, online_fusion=True,
+    "mifuse_paper": Mode("mifuse_paper", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
                          about="MI-Fuse as the paper describes it: uncertainty-weighted labels, EMA re-fusion"),
     "lalm_labels": Mode("lalm", "soft_label", ema=False, consistency=False, online_fusion=False,
                         about="student on the LALM's own answers (the paper's strongest baseline)"),
     "source_labels": Mode("source", "soft_label", ema=False, consistency=False, online_fusion=False,
                           about="student on the source model's own pseudo-labels"),
-    "equal_weights": Mode("equal", "soft_label", ema=True, consistency=False, online_fusion=True,
+    "equal_weights": Mode("equal", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
                           about="the paper's recipe with w = 0.5 instead of uncertainty weights (ablation)"),
     "no_ema": Mode("chosen", "soft_label", ema=False, consistency=False, online_fusion=False,
                    about="the shipped labels, fixed, without any EMA teacher (ablation)"),
     "shot_im": Mode(None, "information_max", ema=False, consistency=False, online_fusion=False, frozen=("classifier",),
+                    mixup=False,
                     about="SHOT-IM: entropy minimisation + diversity, classifier frozen, no labels"),
 }
 
@@ -41,5 +45,5 @@ MODES: dict[str, Mode] = {
 def mode_table() -> list[dict]:
     """The table as rows (for the README and the report)."""
     return [{"mode": name, "labels": m.labels or "none", "loss": m.loss, "EMA": m.ema,
-             "consistency": m.consistency, "re-fusion": m.online_fusion, "frozen": ", ".join(m.frozen) or "-",
-             "what": m.about} for name, m in MODES.items()]
+             "consistency": m.consistency, "re-fusion": m.online_fusion, "mixup": m.mixup,
+             "frozen": ", ".join(m.frozen) or "-", "what": m.about} for name, m in MODES.items()]

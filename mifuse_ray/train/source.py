@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..audio import list_inputs
 from ..config import MiFuseConfig
 from ..metrics import uar_from_confusion, wa_from_confusion
-from .common import augment, crop_batch, device_for_worker, evaluate_shard, warmup_cosine
+from .common import augment, crop_batch, device_for_worker, evaluate_shard, lr_schedule
 
 
 def _source_loop(config: dict) -> None:
@@ -34,7 +34,7 @@ def _source_loop(config: dict) -> None:
     dev_shard = ray.train.get_dataset_shard("dev")
     steps_per_epoch = max(1, config["n_train"] // (config["batch_size"] * config["world_size"]))
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = warmup_cosine(opt, steps_per_epoch * config["epochs"], 0.1)
+    sched = lr_schedule(opt, steps_per_epoch * config["epochs"], 0.1)
     best = -1.0
     for epoch in range(config["epochs"]):
         model.train()

@@ -26,7 +26,7 @@ from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, 
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
 from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
-                     mixup, running_statistics_kept, shrink_perturb, strong_augment, warmup_cosine)
+                     mixup, running_statistics_kept, shrink_perturb, strong_augment, lr_schedule)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_gce, soft_label_kl
@@ -116,7 +116,7 @@ def _setup(inp: LoopInputs) -> _Run:
         last.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = warmup_cosine(opt, steps_per_epoch * t.epochs, t.warmup_frac)
+    sched = lr_schedule(opt, steps_per_epoch * t.epochs, t.warmup_frac, t.lr_decay)
     balances = _initial_balances(inp)
     step, start_epoch, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -217,7 +217,7 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
         terms["weight_lalm"] = float(weights[:, 0].mean())
     # mixup only where the label term has a forward pass of its own (with anchor_view "strong" the
     # consistency term reuses it and must see unmixed clips)
-    if t.mixup_alpha > 0 and mode.loss != "information_max" and own_anchor_pass:
+    if t.mixup_alpha > 0 and mode.mixup and own_anchor_pass:
         view, view_len, q, c = mixup(view, view_len, q, c, t.mixup_alpha, rng)
     use_amp = t.amp and device.type == "cuda"
     need_frames = t.cka_weight > 0
