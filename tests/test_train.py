@@ -350,7 +350,8 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
     from mifuse_ray.train.student import _step
 
     cfg = MiFuseConfig()
-    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view=anchor_view, consistency_threshold=0.0)
+    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view=anchor_view, consistency_threshold=0.0,
+                                    mixup_alpha=0.0)            # (mixup would mix the clean crops with each other)
     student = LogMelCNN(channels=(4, 4), embed_dim=8)
     seen = []
 
