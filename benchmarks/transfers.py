@@ -206,6 +206,10 @@ def target_checks(main_df, complete_seeds):
            for name, system, need in rows if system in mean]
     out.append({"check": f"transfers where {SHIPPED} is above both teachers", "margin": f"{above} of {len(per_transfer)}",
                 "target": "all", "met": bool(above == len(per_transfer))})
+    partial = [f"{s} ({n} of {cells.max()} cells)" for s, n in cells.items() if n < cells.max()]
+    if partial:         # a partial rerun: say who was left out of the comparison rather than drop them silently
+        out.append({"check": "not compared (not in every cell): " + ", ".join(partial), "margin": "",
+                    "target": "", "met": ""})
     return pd.DataFrame(out)
 
 

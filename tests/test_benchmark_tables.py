@@ -1,0 +1,30 @@
+"""The six-transfer benchmark's target check (benchmarks/transfers.py): margins over the cells every
+system ran, and a partial rerun named rather than silently left out."""
+import os
+import sys
+
+import pandas as pd
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+
+def _cells(rows):
+    return pd.DataFrame([{"transfer": t, "seed": s, "variant": "main", "system": name, "uar": u}
+                         for t, s, name, u in rows])
+
+
+def test_target_checks_margins_and_partial_systems():
+    from transfers import target_checks
+    rows = []
+    for seed in (0, 1):
+        for transfer, shipped in (("a→b", 0.60), ("b→a", 0.50)):
+            rows += [(transfer, seed, "mifuse_ema", shipped), (transfer, seed, "fused_label", 0.55),
+                     (transfer, seed, "lalm_zero_shot", 0.52), (transfer, seed, "source_only", 0.40),
+                     (transfer, seed, "mifuse_paper_ema", 0.45)]
+    rows += [("a→b", 0, "lalm_labels_student", 0.70), ("b→a", 0, "lalm_labels_student", 0.70)]  # seed 0 only
+    checks = target_checks(_cells(rows), [0, 1]).set_index("check")
+    assert checks.loc["mifuse_ema − fused labels", "margin"] == "+0.000"
+    assert checks.loc["mifuse_ema − fused labels", "met"] is False
+    assert checks.loc["mifuse_ema − best other student (mifuse_paper_ema)", "margin"] == "+0.100"
+    assert checks.loc["transfers where mifuse_ema is above both teachers", "margin"] == "1 of 2"
+    assert "not compared (not in every cell): lalm_labels_student (2 of 4 cells)" in checks.index
