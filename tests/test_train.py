@@ -384,10 +384,8 @@ def test_readme_training_modes_table_matches_the_modes():
     from mifuse_ray.train.modes import MODES
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     section = readme.split("### Training modes", 1)[1].split("\n### ", 1)[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| `") and not line.startswith("| `train.mode`")]
-    header = [c.strip() for c in next(line for line in section.splitlines()
-                                      if line.startswith("| `train.mode`")).strip("|").split("|")]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                     if line.startswith("| `")]           # the header's first cell is `train.mode` too
     assert {r[0].strip("`") for r in rows} == set(MODES)
     for row in rows:
         cells, mode = dict(zip(header, row)), MODES[row[0].strip("`")]

@@ -26,7 +26,7 @@ from ..fusion import FusionFit, OnlineBalance, TeacherStats, draw_labels, fuse, 
 from ..fused_labels import draw_columns, fit_table, fuse_kwargs, fusion_columns, stored_draws, teacher_names
 from ..metrics import uar_from_confusion
 from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
-                     mixup, running_statistics_kept, shrink_perturb, strong_augment, lr_schedule)
+                     lr_schedule, mixup, running_statistics_kept, shrink_perturb, strong_augment)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_gce, soft_label_kl
