@@ -77,6 +77,8 @@ def test_lr_schedule_warms_up_then_anneals_or_stays():
         assert np.allclose(r[:10], np.arange(1, 11) / 10)           # linear warm-up over 10 % of the steps
     assert rates["cosine"][55] == pytest.approx(0.5, abs=0.02) and rates["cosine"][-1] < 0.01
     assert all(v == 1.0 for v in rates["constant"][10:])
+    with pytest.raises(ValueError, match="'cosine' or 'constant'"):      # no silent fallback to the cosine
+        lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 100, 0.1, "linear")
 
 
 def test_mixup_mixes_clips_labels_and_weights_by_one_lambda():

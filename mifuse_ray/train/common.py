@@ -77,6 +77,8 @@ def lr_schedule(optimizer, total_steps: int, warmup_frac: float, decay: str = "c
     """A linear warm-up, then a cosine decay to zero or a constant rate. With "constant" the student
     never anneals, so the EMA teacher is what averages its last ~1/(1 − α) steps (SWA-like), instead
     of equalling a student whose learning rate has already reached zero."""
+    if decay not in ("cosine", "constant"):
+        raise ValueError(f"lr decay {decay!r}: use 'cosine' or 'constant'")
     warmup = max(1, int(total_steps * warmup_frac))
 
     def factor(step: int) -> float:
