@@ -30,7 +30,8 @@ FRESH_START = (("train.init", "shrink_perturb"), ("train.init_shrink", 0.0), ("t
                ("train.batchnorm", "update"), ("train.lr", 2e-3))
 # Each ablation is a list of runs; a run is one (key, value) or a tuple of them changed together.
 ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balance_fused", "none"))],
-             "consistency": [("train.consistency_weight", 0.0)],
+             # the EMA-teacher consistency term turned on (off by default since it measured worse with mixup)
+             "consistency": [("train.consistency_weight", 1.0)],
              "anchor_view": [("train.anchor_view", "strong")],
              "refusion": [("train.online_fusion_from_epoch", 1000)],
              "alpha": [("train.ema_decay", v) for v in (0.9, 0.99)],

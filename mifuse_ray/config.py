@@ -154,7 +154,9 @@ class TrainConfig:
     # small step from the source weights; "update" normalises by batch statistics and updates the running
     # ones, which a start far from the source weights (train.init shrink_perturb) needs
     batchnorm: Literal["frozen", "update"] = "frozen"
-    consistency_weight: float = 1.0     # the EMA-teacher consistency term (modes with consistency)
+    # the EMA-teacher consistency term (modes with consistency; 0 skips it and its strong view). Off by default:
+    # with mixup on, turning it off gained +1.9 held out (3 seeds) and +1.0 on the demo's transfers (2 seeds)
+    consistency_weight: float = 0.0
     # with consistency: the view the fused label is learnt on. "weak" (FixMatch): the usual augmentation,
     # and the strong view only in the consistency term (two student passes); "strong": both terms on it
     anchor_view: Literal["weak", "strong"] = "weak"

@@ -326,7 +326,7 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
             return iter([_noise_batch(np.random.default_rng(i)) for i in range(2)])
 
     cfg = MiFuseConfig()
-    cfg.train = dataclasses.replace(cfg.train, batchnorm=batchnorm, consistency_threshold=0.0)
+    cfg.train = dataclasses.replace(cfg.train, batchnorm=batchnorm, consistency_weight=1.0, consistency_threshold=0.0)
     student = LogMelCNN(channels=(4, 4), embed_dim=8)
     before = student.blocks[0][1].running_mean.clone()
     run = _cpu_run(cfg, student, lr=1e-3, train_shard=Shard())
@@ -342,17 +342,19 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
         assert torch.equal(student.blocks[0][1].running_mean, after) and student.blocks[0][1].momentum == 0.1
 
 
-@pytest.mark.parametrize("anchor_view", ["weak", "strong"])
-def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
+@pytest.mark.parametrize("setting", ["weak", "strong", "no_consistency"])
+def test_consistency_step_learns_the_labels_on_the_weak_view(setting):
     """FixMatch's split: the fused label is learnt on the weak view (here: augmentation off, so the clean
-    crop itself) and only the consistency term sees the strong view; anchor_view=strong is one pass on it."""
+    crop itself) and only the consistency term sees the strong view; anchor_view=strong is one pass on it;
+    consistency_weight 0 (the default) is one pass on the labels' view and no consistency term at all."""
     import dataclasses
 
     from mifuse_ray.models.cnn import LogMelCNN
     from mifuse_ray.train.student import _step
 
     cfg = MiFuseConfig()
-    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view=anchor_view, consistency_threshold=0.0,
+    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view="strong" if setting == "strong" else "weak",
+                                    consistency_weight=0.0 if setting == "no_consistency" else 1.0, consistency_threshold=0.0,
                                     mixup_alpha=0.0)            # (mixup would mix the clean crops with each other)
     student = LogMelCNN(channels=(4, 4), embed_dim=8)
     seen = []
@@ -371,9 +373,11 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(anchor_view):
     batch = _noise_batch(rng)
     audio = batch["audio"]
     terms = _step(run, batch, rng, torch.Generator().manual_seed(0), online_fusion=False)
-    assert np.isfinite(terms["loss"]) and "consistency" in terms
+    assert np.isfinite(terms["loss"]) and ("consistency" in terms) == (setting != "no_consistency")
     clean = torch.stack([torch.from_numpy(a) for a in audio])
-    if anchor_view == "weak":
+    if setting == "no_consistency":
+        assert len(seen) == 1 and torch.equal(seen[0][:, :clean.shape[1]], clean)   # no strong view made or seen
+    elif setting == "weak":
         assert len(seen) == 2                                   # the labels' view, then the strong view
         assert torch.equal(seen[0][:, :clean.shape[1]], clean)  # the labels were learnt on the clean crop
         assert not torch.equal(seen[1][:, :clean.shape[1]], clean)

@@ -24,8 +24,9 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "mifuse": Mode("chosen", "soft_label", ema=True, consistency=True, online_fusion=True,
-                   about="the shipped recipe: balanced, dev-chosen fused labels as the anchor, EMA consistency, "
-                         "online re-fusion once the EMA beats the labels on dev"),
+                   about="the shipped recipe: balanced, dev-chosen fused labels learnt with mixup, an EMA teacher "
+                         "(consistency to it when train.consistency_weight > 0), online re-fusion once the EMA "
+                         "beats the labels on dev"),
     "mifuse_paper": Mode("mifuse_paper", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
                          about="MI-Fuse as the paper describes it: uncertainty-weighted labels, EMA re-fusion"),
     "lalm_labels": Mode("lalm", "soft_label", ema=False, consistency=False, online_fusion=False,

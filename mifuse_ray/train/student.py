@@ -198,11 +198,12 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
     # augmentation); the consistency term on the strong view. anchor_view "strong" puts both on the strong
     # view, one forward pass fewer.
     view, view_len = clean, lengths
-    own_anchor_pass = not (mode.consistency and t.anchor_view == "strong")   # else the anchor reuses the strong pass
+    consistency = mode.consistency and t.consistency_weight > 0     # off by default: no strong view, no extra pass
+    own_anchor_pass = not (consistency and t.anchor_view == "strong")   # else the anchor reuses the strong pass
     if t.augment and own_anchor_pass:
         view, view_len = augment(clean, lengths, gen, t.noise_snr_db, t.gain_db, max_shift, t.speed_range)
     strong = strong_len = None
-    if mode.consistency:
+    if consistency:
         strong, strong_len = strong_augment(clean, lengths, gen, cfg.audio.sample_rate, max_shift=max_shift)
         if t.anchor_view == "strong":
             view, view_len = strong, strong_len
@@ -231,7 +232,7 @@ def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
         anchor = soft_label_gce(q, logits, c, t.gce_k) if t.label_loss == "gce" else soft_label_kl(q, logits, c)
         loss = anchor + t.lambda_div * diversity_kl(probs, torch.tensor(run.inp.prior, device=device))
     terms["anchor"], terms["div"] = float(anchor.detach()), float((loss - anchor).detach())
-    if mode.consistency:
+    if consistency:
         strong_logits = logits
         if t.anchor_view != "strong":
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), \
