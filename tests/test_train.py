@@ -353,8 +353,9 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(setting):
     from mifuse_ray.train.student import _step
 
     cfg = MiFuseConfig()
-    cfg.train = dataclasses.replace(cfg.train, augment=False, anchor_view="strong" if setting == "strong" else "weak",
-                                    consistency_weight=0.0 if setting == "no_consistency" else 1.0, consistency_threshold=0.0,
+    cfg.train = dataclasses.replace(cfg.train, augment=False, consistency_threshold=0.0,
+                                    anchor_view="strong" if setting == "strong" else "weak",
+                                    consistency_weight=0.0 if setting == "no_consistency" else 1.0,
                                     mixup_alpha=0.0)            # (mixup would mix the clean crops with each other)
     student = LogMelCNN(channels=(4, 4), embed_dim=8)
     seen = []
