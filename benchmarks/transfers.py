@@ -71,19 +71,42 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", tag)
     done = os.path.join(out, "results.json")
     wanted = {f"{m}_student" for m in (baselines or [])} | {"mifuse_student"}
-    if os.path.exists(done) and wanted <= set(json.load(open(done))["results"].get("test", {})):
-        return json.load(open(done))["results"]     # finished with every system asked for
-    main_out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", "main")
-    if overrides and os.path.exists(os.path.join(main_out, "results.json")):
-        _share_labels(main_out, out)
     cfg = cell_config(source, target, seed, out, out_root, scale)
     cfg.baselines, cfg.baseline_modes = bool(baselines), list(baselines)
     apply_overrides(cfg, dict(overrides))
+    if os.path.exists(done) and wanted <= set(json.load(open(done))["results"].get("test", {})):
+        changed = changed_settings(out, cfg)
+        if not changed:
+            return json.load(open(done))["results"]     # finished with every system asked for, at these settings
+        print(f"{out}: finished at other settings ({'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); "
+              "running it again (students whose settings did not change are reused)", flush=True)
+    main_out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", "main")
+    if overrides and os.path.exists(os.path.join(main_out, "results.json")):
+        _share_labels(main_out, out)
     results = adapt(cfg).results
     with open(os.path.join(out, "cell.json"), "w") as fh:
         json.dump({"transfer": f"{source}→{target}", "seed": seed,
                    "variant": ", ".join(f"{k}={v}" for k, v in overrides) or "main"}, fh)
     return results
+
+
+def changed_settings(out: str, cfg) -> list[str]:
+    """The settings (fusion and training result fields) on which a finished cell differs from ``cfg``, read
+    from its run.json: a tree made before a default changed is run again instead of handing back the old
+    default's numbers. A field the record lacks (added since) counts as changed."""
+    from mifuse_ray.config import result_fields
+    record = os.path.join(out, "run.json")
+    if not os.path.exists(record):
+        return ["no run.json"]
+    with open(record) as fh:
+        stored = json.load(fh)["config"]
+    changed = []
+    for section in ("fusion", "train"):
+        now = json.loads(json.dumps(result_fields(getattr(cfg, section)), default=str))
+        then = stored.get(section, {})
+        changed += [f"{section}.{k} {then.get(k, '(not recorded)')} → {v}" for k, v in now.items()
+                    if k not in then or then[k] != v]
+    return changed
 
 
 def cell_config(source, target, seed, out, out_root, scale):

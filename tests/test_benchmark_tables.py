@@ -28,3 +28,18 @@ def test_target_checks_margins_and_partial_systems():
     assert checks.loc["mifuse_ema − best other student (mifuse_paper_ema)", "margin"] == "+0.100"
     assert checks.loc["transfers where mifuse_ema is above both teachers", "margin"] == "1 of 2"
     assert "not compared (not in every cell): lalm_labels_student (2 of 4 cells)" in checks.index
+
+
+def test_a_cell_finished_at_another_default_is_named_not_reused(tmp_path):
+    """Resume keys a cell on its folder; the settings in its run.json decide whether its numbers still hold."""
+    import json
+
+    from mifuse_ray.config import MiFuseConfig, to_dict
+    from transfers import changed_settings
+    cfg = MiFuseConfig()
+    assert changed_settings(str(tmp_path), cfg) == ["no run.json"]
+    (tmp_path / "run.json").write_text(json.dumps({"config": to_dict(cfg)}, default=str))
+    assert changed_settings(str(tmp_path), cfg) == []
+    default = MiFuseConfig().train.consistency_weight
+    cfg.train.consistency_weight, cfg.train.cpus_per_worker = default + 1.0, 0.5    # CPUs: not a result
+    assert changed_settings(str(tmp_path), cfg) == [f"train.consistency_weight {default} → {default + 1.0}"]
