@@ -80,9 +80,9 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
             return json.load(open(done))["results"]     # finished with every system asked for, at these settings
         print(f"{out}: finished at other settings ({'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); "
               "running it again (students whose settings did not change are reused)", flush=True)
-    main_out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", "main")
-    if overrides and os.path.exists(os.path.join(main_out, "results.json")):
-        _share_labels(main_out, out)
+    donor = _labelled_main_cell(out_root, source, target, seed)
+    if donor is not None and donor != out:
+        _share_labels(donor, out)
     results = adapt(cfg).results
     with open(os.path.join(out, "cell.json"), "w") as fh:
         json.dump({"transfer": f"{source}→{target}", "seed": seed,
@@ -271,12 +271,23 @@ def _main_values() -> dict:
             for runs in ABLATIONS.values() for run in runs for key, _ in _pairs(run)}
 
 
+def _labelled_main_cell(out_root: str, source: str, target: str, seed: int) -> str | None:
+    """A finished main cell of this transfer, this seed's first: the draws depend on the LALM's and
+    the source model's seeds (``lalm.seed``, ``source.seed``), not on the student's ``train.seed``."""
+    cells = os.path.join(out_root, f"{source}__{target}")
+    finished = sorted(glob.glob(os.path.join(cells, "seed*", "main", "results.json")))
+    own = os.path.join(cells, f"seed{seed}", "main", "results.json")
+    ordered = ([own] if own in finished else []) + [f for f in finished if f != own]
+    return os.path.dirname(ordered[0]) if ordered else None
+
+
 def _share_labels(main_out: str, out: str) -> None:
-    """An ablation changes only the fusion or the training, and the stored labels hold every LALM
-    and MC draw, so it starts from the main cell's labels (hard links). adapt() still checks their
-    fingerprint, and labels afresh if anything that changes them differs."""
+    """An ablation changes only the fusion or the training, and another seed only the student, while
+    the stored labels hold every LALM and MC draw: such a cell starts from a main cell's labels (hard
+    links). adapt() still checks their fingerprint, and labels afresh if anything that changes them
+    differs."""
     import shutil
-    for name in ("labels", "labels_test"):
+    for name in ("labels", "labels_dev", "labels_test"):
         src, dst = os.path.join(main_out, name), os.path.join(out, name)
         if os.path.isdir(src) and not os.path.exists(dst):
             shutil.copytree(src, dst, copy_function=os.link)

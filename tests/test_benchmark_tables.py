@@ -43,3 +43,17 @@ def test_a_cell_finished_at_another_default_is_named_not_reused(tmp_path):
     default = MiFuseConfig().train.consistency_weight
     cfg.train.consistency_weight, cfg.train.cpus_per_worker = default + 1.0, 0.5    # CPUs: not a result
     assert changed_settings(str(tmp_path), cfg) == [f"train.consistency_weight {default} → {default + 1.0}"]
+
+
+def test_a_cell_takes_its_labels_from_a_finished_main_cell_of_its_transfer(tmp_path):
+    """The draws do not depend on the student's seed: any seed's finished main cell can lend them, its own first."""
+    from transfers import _labelled_main_cell
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 0) is None
+    for seed in (2, 1):
+        cell = tmp_path / "a__b" / f"seed{seed}" / "main"
+        cell.mkdir(parents=True)
+        (cell / "results.json").write_text("{}")
+    (tmp_path / "a__b" / "seed0" / "main").mkdir(parents=True)        # not finished: lends nothing
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 0) == str(tmp_path / "a__b" / "seed1" / "main")
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 2) == str(tmp_path / "a__b" / "seed2" / "main")
+    assert _labelled_main_cell(str(tmp_path), "b", "a", 2) is None
