@@ -74,10 +74,11 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     cfg = cell_config(source, target, seed, out, out_root, scale)
     cfg.baselines, cfg.baseline_modes = bool(baselines), list(baselines)
     apply_overrides(cfg, dict(overrides))
-    if os.path.exists(done) and wanted <= set(json.load(open(done))["results"].get("test", {})):
+    finished = json.load(open(done))["results"] if os.path.exists(done) else {}
+    if wanted <= set(finished.get("test", {})):
         changed = changed_settings(out, cfg)
         if not changed:
-            return json.load(open(done))["results"]     # finished with every system asked for, at these settings
+            return finished                             # finished with every system asked for, at these settings
         print(f"{out}: finished at other settings ({'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); "
               "running it again (students whose settings did not change are reused)", flush=True)
     donor = _labelled_main_cell(out_root, source, target, seed)
@@ -206,6 +207,13 @@ SHIPPED = "mifuse_ema"          # the model the shipped recipe ends with (the EM
 TEACHERS = ("lalm_zero_shot", "source_only")
 
 
+def _is_baseline_student(system: str) -> bool:
+    """A baseline's trained model: not the shipped recipe's two, not the no_ema ablation (reported beside
+    the baselines, not one of them), not a teacher or the fused label."""
+    return system.endswith(("_student", "_ema")) and system not in ("mifuse_student", SHIPPED) \
+        and not system.startswith("no_ema")
+
+
 def target_checks(main_df, complete_seeds):
     """The shipped model's margins over the seeds that finished every transfer: against its fused labels
     (target +2 points), the LALM (+5), the best other student (+3), and on how many transfers it is
@@ -217,9 +225,7 @@ def target_checks(main_df, complete_seeds):
     mean = df.groupby("system").uar.mean()           # over transfers and seeds alike (every cell counts once)
     if SHIPPED not in mean:
         return pd.DataFrame()
-    # the baselines' students (no_ema is an ablation of the shipped recipe, reported beside them, not a baseline)
-    students = [s for s in mean.index if s.endswith(("_student", "_ema"))
-                and s not in ("mifuse_student", SHIPPED) and not s.startswith("no_ema")]
+    students = [s for s in mean.index if _is_baseline_student(s)]
     best_other = max(students, key=lambda s: mean[s]) if students else None
     per_transfer = df.groupby(["transfer", "system"]).uar.mean().unstack()
     above = (per_transfer[SHIPPED] > per_transfer[list(TEACHERS)].max(axis=1)).sum()
@@ -237,7 +243,7 @@ def target_checks(main_df, complete_seeds):
         theirs = ran[ran.system == system]
         ours = ran[ran.system == SHIPPED].merge(theirs[["transfer", "seed"]])
         margin = ours.uar.mean() - theirs.uar.mean()
-        student = system.endswith(("_student", "_ema")) and not system.startswith(("no_ema", "mifuse_student"))
+        student = _is_baseline_student(system)
         out.append({"check": f"{SHIPPED} − {system}, on the {len(theirs)} of {cells.max()} cells it ran",
                     "margin": f"{margin:+.3f}", "target": "≥ +0.03" if student else "",
                     "met": f"{bool(margin >= 0.03)} (partial)" if student else ""})
@@ -282,10 +288,8 @@ def _labelled_main_cell(out_root: str, source: str, target: str, seed: int) -> s
     """A finished main cell of this transfer, this seed's first: the draws depend on the LALM's and
     the source model's seeds (``lalm.seed``, ``source.seed``), not on the student's ``train.seed``."""
     cells = os.path.join(out_root, f"{source}__{target}")
-    finished = sorted(glob.glob(os.path.join(cells, "seed*", "main", "results.json")))
-    own = os.path.join(cells, f"seed{seed}", "main", "results.json")
-    ordered = ([own] if own in finished else []) + [f for f in finished if f != own]
-    return os.path.dirname(ordered[0]) if ordered else None
+    candidates = [os.path.join(cells, f"seed{seed}", "main")] + sorted(glob.glob(os.path.join(cells, "seed*", "main")))
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "results.json"))), None)
 
 
 def _share_labels(main_out: str, out: str) -> None:
