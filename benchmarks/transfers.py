@@ -92,9 +92,9 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
 
 
 def changed_settings(out: str, cfg) -> list[str]:
-    """The settings (fusion and training result fields) on which a finished cell differs from ``cfg``, read
-    from its run.json: a tree made before a default changed is run again instead of handing back the old
-    default's numbers. A field the record lacks (added since) counts as changed."""
+    """The settings (result fields of the labelling, fusion and training sections) on which a finished cell
+    differs from ``cfg``, read from its run.json: a tree made before a default changed is run again instead
+    of handing back the old default's numbers. A field the record lacks (added since) counts as changed."""
     from mifuse_ray.config import result_fields
     record = os.path.join(out, "run.json")
     if not os.path.exists(record):
@@ -102,7 +102,7 @@ def changed_settings(out: str, cfg) -> list[str]:
     with open(record) as fh:
         stored = json.load(fh)["config"]
     changed = []
-    for section in ("fusion", "train"):
+    for section in ("audio", "lalm", "source", "fusion", "train"):
         now = json.loads(json.dumps(result_fields(getattr(cfg, section)), default=str))
         then = stored.get(section, {})
         changed += [f"{section}.{k} {then.get(k, '(not recorded)')} → {v}" for k, v in now.items()
