@@ -55,6 +55,11 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # (under the cosine the EMA equals the annealed final student), at the default α and a longer one
              "ema_average": [("train.lr_decay", "constant"),
                              (("train.lr_decay", "constant"), ("train.ema_decay", 0.99))],
+             # augmentations that keep the emotion: speed perturbation moves F0 and the speaking rate by up to
+             # 10 %, and a per-clip gain the loudness by up to 6 dB, the very cues that separate the classes
+             # (happy and angry differ by ~8 % in F0 and rate); each off, then both
+             "augment": [("train.speed_range", (1.0, 1.0)), ("train.gain_db", 0.0),
+                         (("train.speed_range", (1.0, 1.0)), ("train.gain_db", 0.0))],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],
