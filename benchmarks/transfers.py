@@ -63,6 +63,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # more optimiser steps from the source weights: with the true labels a fresh student needed ~48
              # epochs (benchmarks/student_bound.py), and the shipped one matches its labels' top class on ~60 %
              "epochs": [("train.epochs", v) for v in (32, 48)],
+             # each speaker's labels balanced towards the prior as well as the split's (fusion.speaker_scales)
+             "speakers": [("fusion.balance_speakers", True)],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],

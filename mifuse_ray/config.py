@@ -115,6 +115,10 @@ class FusionConfig:
     balance_fused: Literal["none", "mean", "sinkhorn"] = "sinkhorn"    # the fused label towards the prior
     prior: Literal["uniform", "given", "estimated"] = "uniform"        # the class prior balancing aims at
     prior_values: list[float] = field(default_factory=list)            # with prior: given
+    # also balance each speaker's labels towards the prior (the manifest's speaker_id; see fusion.speaker_scales):
+    # what stays constant over a speaker's clips (their pitch, loudness, rate) is not their emotion
+    balance_speakers: bool = False
+    speaker_min_clips: int = 20         # speakers with fewer clips in the split keep the split's balancing
     calibrate: bool = False             # a temperature per teacher, fitted on the dev split's labels
     select_on_dev: bool = False         # choose among `candidates` by fused-label UAR on half the dev split
     candidates: list[str] = field(default_factory=lambda: ["mean_balanced", "product_balanced", "mean_dev_weighted"])

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from .fusion import STATUS_NAMES, FusionFit, corrected_pbars, fit_fusion, fuse, teacher_stats
+from .fusion import (STATUS_NAMES, FusionFit, corrected_pbars, fit_fusion, fuse, rescale_by_speaker, speaker_scales,
+                     teacher_stats)
 
 NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
 
@@ -110,8 +111,21 @@ def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None) -> Fusio
             if len(ok):
                 yield teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
     prior = fusion_prior(fusion_cfg, num_classes, batches)
-    return fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
-                      balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
+    fit = fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
+                     balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
+    if fusion_cfg.balance_speakers:
+        # one more pass: the fused labels with the split's balancing, grouped by speaker (C floats per clip)
+        qs, speakers = [], []
+        for frame in frames():
+            ok = frame[frame["error"].isna()] if "error" in frame else frame
+            if len(ok) and "speaker_id" in ok:
+                teachers = teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
+                qs.append(np.asarray(fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg)).q))
+                speakers.append(ok["speaker_id"].to_numpy(dtype=object))
+        if qs:
+            fit.speaker_scales = speaker_scales(np.concatenate(qs), np.concatenate(speakers), prior,
+                                                fusion_cfg.speaker_min_clips, notes=fit.notes)
+    return fit
 
 
 def fit_table(table: pd.DataFrame, num_classes: int, fusion_cfg, temperatures=None, batch_rows: int = 8192):
@@ -137,6 +151,8 @@ def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFi
     for i, name in enumerate(names):
         out[f"weight_{name}"] = w[:, i]
     q = np.asarray(res.q)
+    if fit is not None and fit.speaker_scales and "speaker_id" in df:
+        q = rescale_by_speaker(q, df["speaker_id"].to_numpy(dtype=object), fit.speaker_scales)
     out["q"] = list(q)
     out["clip_weight"] = np.asarray(res.clip_weight)
     out["fusion_status"] = [STATUS_NAMES[s] for s in np.asarray(res.status)]

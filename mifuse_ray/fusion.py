@@ -30,12 +30,13 @@ BALANCINGS = ("none", "mean", "sinkhorn")
 # here so that every table and the dev choice speak of the same things.
 VARIANTS: dict[str, dict] = {  # FusionConfig field overrides
     "mifuse_paper": dict(weighting="exp", combine="mean", balance_teachers="none", balance_fused="none",
-                         calibrate=False),
-    "equal": dict(weighting="equal", combine="mean", balance_teachers="none", balance_fused="none", calibrate=False),
+                         balance_speakers=False, calibrate=False),
+    "equal": dict(weighting="equal", combine="mean", balance_teachers="none", balance_fused="none",
+                  balance_speakers=False, calibrate=False),
     "lalm": dict(weighting="fixed", fixed_weights=[1.0, 0.0], combine="mean", balance_teachers="none",
-                 balance_fused="none", calibrate=False),
+                 balance_fused="none", balance_speakers=False, calibrate=False),
     "source": dict(weighting="fixed", fixed_weights=[0.0, 1.0], combine="mean", balance_teachers="none",
-                   balance_fused="none", calibrate=False),
+                   balance_fused="none", balance_speakers=False, calibrate=False),
     "lalm_balanced": dict(weighting="fixed", fixed_weights=[1.0, 0.0], combine="mean", balance_teachers="none",
                           balance_fused="sinkhorn"),
     "mean_balanced": dict(weighting="equal", combine="mean", balance_teachers="mean", balance_fused="sinkhorn"),
@@ -195,6 +196,7 @@ class FusionFit:
     fused_scale: Any = None                # balancing scale vector of the fused label
     log_confusion: list | None = None      # label model: per teacher (C_true, C_said) log P(said | true)
     log_prior: Any = None                  # label model: (C,) log class prior
+    speaker_scales: dict | None = None     # fusion.balance_speakers: {speaker id: scale vector of its labels}
     notes: list = field(default_factory=list)   # what the fit had to work around (a class nobody predicts, …)
 
 
@@ -215,6 +217,50 @@ def rescale(p, scale):
     scaled = p * ops.f32(scale)[None, :]
     norm = ops.sum_keep(scaled)
     return ops.where(norm > 0, scaled / ops.where(norm > 0, norm, 1.0), p)
+
+
+def speaker_scales(q, speakers, prior, min_clips: int, iters: int = 20, notes: list | None = None) -> dict:
+    """Per speaker, the scale vector v_s that balances the labels of that speaker's clips towards the
+    prior (Sinkhorn within the speaker); ``rescale_by_speaker`` applies it as q ⊙ v_s / <q, v_s>.
+
+    Why: emotion is heard against the speaker's own voice. Both teachers hear a high, loud or fast
+    speaker as aroused in every clip (the F0, loudness and rate that carry emotion also differ between
+    speakers by as much as between emotions); balancing within the speaker removes what stays constant
+    over their clips and keeps what changes between them. It assumes each speaker's clips span the
+    classes as the split's do (the prior); a speaker with fewer than ``min_clips`` labelled clips, or
+    none (an empty or missing id), is left as the split's balancing made it."""
+    q = np.asarray(q, dtype=np.float64)
+    speakers = np.asarray(speakers, dtype=object)
+    prior = np.asarray(prior, dtype=np.float64)
+    floor = 0.02 / q.shape[1]
+    ok = np.isfinite(q).all(1)
+    notes = [] if notes is None else notes
+    out = {}
+    for speaker in dict.fromkeys(speakers[ok]):
+        if speaker is None or speaker == "" or (isinstance(speaker, float) and np.isnan(speaker)):
+            continue
+        rows = q[ok & (speakers == speaker)]
+        if len(rows) < min_clips:
+            continue
+        scale = np.ones(q.shape[1])
+        for _ in range(iters):
+            scale = _scale_step(scale, rescale(rows, scale).mean(0), prior, floor, notes, f"speaker {speaker}")
+        out[str(speaker)] = scale / scale.sum()
+    return out
+
+
+def rescale_by_speaker(q, speakers, scales: dict | None):
+    """Each row balanced with its speaker's scale vector (``speaker_scales``); rows of a speaker
+    without one stay as they are."""
+    if not scales:
+        return q
+    q = np.array(q, dtype=np.float64)
+    rows = [i for i, s in enumerate(speakers) if str(s) in scales]
+    if rows:
+        scaled = q[rows] * np.stack([scales[str(speakers[i])] for i in rows])
+        norm = scaled.sum(1, keepdims=True)
+        q[rows] = np.where(norm > 0, scaled / np.where(norm > 0, norm, 1.0), q[rows])
+    return q
 
 
 def padded(fixed_weights, num_teachers: int) -> list[float]:

@@ -60,3 +60,32 @@ def test_select_on_dev_picks_among_candidates_and_reports_each():
     assert choice.name in ("mean_balanced", "lalm_balanced")
     assert {"mean_balanced", "lalm_balanced", "mifuse_paper", "lalm", "source"} <= set(choice.dev_scores)
     assert len(choice.fit.temperatures) == 2
+
+
+def test_speaker_balancing_goes_from_the_fit_into_the_labels_and_is_off_without_speakers():
+    """fusion.balance_speakers: the fit holds one scale per speaker of the split, fusion_columns applies
+    it (each speaker's labels average to the prior), and a table without speaker ids fuses as before."""
+    adapt = table(480, 7, source_acc=0.25)
+    y = np.array([LABELS.index(v) for v in adapt["label"]])
+    speakers = np.repeat([f"s{i}" for i in range(6)], 80)
+    rng = np.random.default_rng(8)
+    logits = 1.5 * np.eye(4)[y] + rng.normal(0, 0.5, (len(y), 4))
+    for i in range(6):                                 # each speaker heard as one class more, whatever the emotion
+        logits[speakers == f"s{i}", i % 4] += 1.5
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    lalm = np.stack([rng.choice(4, 5, p=row) for row in p])
+    adapt["lalm_votes"] = list(lalm)
+    adapt["speaker_id"] = speakers
+    on = dataclasses.replace(FusionConfig(), balance_speakers=True)
+    plain = choose_fusion(adapt, None, FusionConfig(), LABELS)
+    balanced = choose_fusion(adapt, None, on, LABELS)
+    assert sorted(balanced.fit.speaker_scales) == [f"s{i}" for i in range(6)] and plain.fit.speaker_scales is None
+    fused = fusion_columns(adapt, 4, balanced.config, balanced.fit)
+    q = np.stack(fused["q"])
+    for i in range(6):
+        np.testing.assert_allclose(q[speakers == f"s{i}"].mean(0), 0.25, atol=5e-3)
+    no_ids = adapt.drop(columns=["speaker_id"])
+    without = choose_fusion(no_ids, None, on, LABELS)
+    assert without.fit.speaker_scales is None
+    np.testing.assert_allclose(np.stack(fusion_columns(no_ids, 4, without.config, without.fit)["q"]),
+                               np.stack(fusion_columns(no_ids, 4, plain.config, plain.fit)["q"]), atol=1e-6)

@@ -147,3 +147,29 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert fit_temperatures([stats], y)[0] == pytest.approx(3.0, rel=0.15)
     np.testing.assert_allclose(temper(overconfident, 3.0), np.exp(logits) / np.exp(logits).sum(1, keepdims=True),
                                atol=1e-6)
+
+
+def test_speaker_balancing_removes_what_is_constant_to_a_speaker():
+    """Each speaker pulls the teacher towards one class (a high voice heard as happy in every clip):
+    balancing within speakers gives each speaker the prior as marginal and recovers the classes;
+    a speaker under ``min_clips`` and clips without a speaker are left as they were."""
+    from mifuse_ray.fusion import rescale_by_speaker, speaker_scales
+    rng = np.random.default_rng(5)
+    n_speakers, per = 6, 80
+    y = rng.integers(0, C, n_speakers * per)
+    speakers = np.repeat([f"spk{s}" for s in range(n_speakers)], per).astype(object)
+    logits = 2.0 * np.eye(C)[y] + rng.normal(0, 1.0, (len(y), C))
+    for s in range(n_speakers):                       # speaker s: +2 on class s % C, whatever the emotion
+        logits[speakers == f"spk{s}", s % C] += 2.0
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    speakers[:5] = None                               # no id
+    speakers[5:15] = "rare"                           # 10 clips: under min_clips
+    scales = speaker_scales(q, speakers, np.full(C, 1 / C), min_clips=20)
+    assert set(scales) == {f"spk{s}" for s in range(n_speakers)}
+    balanced = rescale_by_speaker(q, speakers, scales)
+    np.testing.assert_array_equal(balanced[:15], q[:15])
+    for s in range(1, n_speakers):
+        np.testing.assert_allclose(balanced[speakers == f"spk{s}"].mean(0), 1 / C, atol=5e-3)
+    recall = lambda p: np.mean([(p[y == k] == k).mean() for k in range(C)])  # noqa: E731
+    assert recall(balanced.argmax(1)) > recall(q.argmax(1)) + 0.1
+    assert rescale_by_speaker(q, speakers, {}) is q
