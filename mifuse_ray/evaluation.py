@@ -14,18 +14,56 @@ def score(y_true, y_pred, num_classes: int) -> dict:
     return report
 
 
+def by_speaker(probs, speakers, cfg: MiFuseConfig) -> np.ndarray:
+    """Predictions with each speaker's distributions balanced towards the prior over that speaker's
+    clips (``fusion.speaker_scales``; speakers with fewer than ``fusion.speaker_min_clips`` clips, or
+    without an id, are predicted clip by clip). -1 where a clip has no distribution.
+
+    Why: the cues of emotion (pitch, loudness, rate) differ between speakers as much as between
+    emotions, and a model that hears one clip cannot tell a high voice from an excited one; given a
+    speaker's clips together, what stays constant over them is the speaker. This is inference over
+    a set of clips (transductive within each speaker), so it is scored beside the per-clip figures,
+    for every system alike, never instead of them."""
+    from .fused_labels import fusion_prior
+    from .fusion import rescale_by_speaker, speaker_scales
+    C = len(cfg.labels)
+    p = np.array([np.asarray(v, dtype=np.float64) if v is not None and len(v) == C else np.full(C, np.nan)
+                  for v in probs]).reshape(-1, C)
+    speakers = np.asarray(speakers, dtype=object)
+    scales = speaker_scales(p, speakers, fusion_prior(cfg.fusion, C), cfg.fusion.speaker_min_clips)
+    balanced = rescale_by_speaker(p, speakers, scales)
+    ok = np.isfinite(balanced).all(1)
+    return np.where(ok, np.nan_to_num(balanced).argmax(1), -1)
+
+
+def _speakers_to_balance(test: pd.DataFrame, cfg: MiFuseConfig) -> bool:
+    if "speaker_id" not in test:
+        return False
+    counts = test["speaker_id"].dropna().astype(str).value_counts()
+    return bool((counts[counts.index != ""] >= cfg.fusion.speaker_min_clips).any())
+
+
 def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict:
-    """UAR/WA/F1 (+95% bootstrap CI) on the test split for source, LALM, fused labels and students."""
+    """UAR/WA/F1 (+95% bootstrap CI) on the test split for source, LALM, fused labels and students;
+    where the test split names speakers, also with speaker-normalised inference (``by_speaker``)
+    under ``test_by_speaker``."""
     from .data import training_clips
     from .fused_labels import source_teacher_name
     from .predict import predict_decoded
     C = len(cfg.labels)
-    out = {"test": {}, "selection": {}, "predictions": {}, "truth": {}}
+    out = {"test": {}, "test_by_speaker": {}, "selection": {}, "predictions": {}, "truth": {}}
     if inputs.test_df is None or inputs.test_df.empty:
         out["note"] = "no labelled test split: nothing evaluated"
         return out
     test = inputs.test_df
     truth = dict(zip(test["clip_id"], test["label_index"]))
+    speaker_of = dict(zip(test["clip_id"], test["speaker_id"])) if _speakers_to_balance(test, cfg) else None
+
+    def score_by_speaker(name, clip_ids, probs, y):
+        if speaker_of is not None:
+            pred = counting_unanswered_as_wrong(y, by_speaker(probs, [speaker_of.get(c) for c in clip_ids], cfg), C)
+            out["test_by_speaker"][name] = score(y, pred, C)
+
     decoded = training_clips(test, cfg.audio)     # read once per model: small splits stay decoded
     models = {"source_only": inputs.source_checkpoint}
     for i, checkpoint in enumerate(cfg.source.extra_checkpoints):      # extra source-model teachers
@@ -45,14 +83,17 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
         p = np.array([cfg.labels.index(label) for label in pred["pred"]])
         out["test"][name] = score(y, p, C)
         out["predictions"][name] = dict(zip(pred["clip_id"], p.tolist()))
+        score_by_speaker(name, pred["clip_id"], pred["probs"], y)
     if test_labels is not None:
         t = test_labels.table
         t = t[t["clip_id"].isin(truth)]
         y = np.array([truth[c] for c in t["clip_id"]])
-        for name, col in (("lalm_zero_shot", "lalm_pred"), ("fused_label", "fused_pred")):
+        for name, col, dist in (("lalm_zero_shot", "lalm_pred", "lalm_pbar"), ("fused_label", "fused_pred", "q")):
             pred = counting_unanswered_as_wrong(y, t[col].to_numpy(), C)
             out["test"][name] = score(y, pred, C)
             out["predictions"][name] = dict(zip(t["clip_id"], pred.tolist()))
+            answered = np.where(t[col].to_numpy() >= 0, t[dist].to_numpy(dtype=object), None)
+            score_by_speaker(name, t["clip_id"], answered, y)
     out["truth"] = {k: int(v) for k, v in truth.items()}
     return out
 
@@ -68,9 +109,9 @@ def compare(results: dict, a: str, b: str, num_classes: int) -> tuple[float, flo
     return paired_uar_difference(y, [pa[c] for c in clips], [pb[c] for c in clips], num_classes, n_boot=500)
 
 
-def results_table(results: dict) -> pd.DataFrame:
+def results_table(results: dict, key: str = "test") -> pd.DataFrame:
     rows = []
-    for name, m in results.get("test", {}).items():
+    for name, m in results.get(key, {}).items():
         lo, hi = m["uar_ci95"]
         rows.append({"system": name, "UAR": m["uar"], "UAR 95% CI": f"[{lo:.3f}, {hi:.3f}]", "WA": m["wa"],
                      "macro-F1": m["macro_f1"], "clips": m["n"]})

@@ -212,6 +212,7 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
              "`fused_label` the soft label itself (no training); `<run>_student` / `<run>_ema` the trained models "
              "(README 'Training modes' says what each run changes).", "", markdown_table(table),
              "![confusion matrices](confusion_matrices.png)", "",
+             *speaker_lines(results),
              "## Training", "",
              f"The final model of each run is its EMA teacher when it has one, else its student, at the "
              f"{'last epoch' if cfg.train.select == 'final' else 'best 3-epoch mean of dev UAR'} "
@@ -229,6 +230,19 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
+
+
+def speaker_lines(results: dict) -> list[str]:
+    """The same systems with speaker-normalised inference (evaluation.by_speaker), where the test split
+    names speakers with enough clips."""
+    if not results.get("test_by_speaker"):
+        return []
+    table = results_table(results, "test_by_speaker").sort_values("UAR", ascending=False)
+    return ["### With speaker-normalised inference", "",
+            "The same models and teachers, each speaker's predictions balanced towards the class prior over "
+            "that speaker's test clips (`evaluation.by_speaker`): inference over a set of clips, not one at a "
+            "time, which removes what stays constant over a speaker (their pitch, loudness, rate).", "",
+            markdown_table(table)]
 
 
 def budget_line(budget: dict | None) -> str:

@@ -51,6 +51,9 @@ def test_adapt_writes_every_artefact(adapt_run):
     assert results["labeling"]["fusion"]["chosen"] and "predicted_classes" in results["labeling"]
     for system in ("mifuse_student", "mifuse_ema", "source_only", "lalm_zero_shot", "fused_label"):
         assert system in report
+    # the test clips name a speaker with enough clips: every system is also scored speaker-normalised
+    assert set(results["test_by_speaker"]) == set(results["test"])
+    assert "With speaker-normalised inference" in report
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["git_commit"] and run["packages"]["ray"] and run["manifest_sha256"] and run["lalm_endpoint"]
     assert run["config"]["lalm"]["api_key_env"] == "MIFUSE_LALM_API_KEY"

@@ -70,3 +70,28 @@ def test_each_ablation_is_compared_with_the_main_setting_on_its_own_cells():
     assert table.loc["x=1", "main, same cells"] == 0.60 and abs(table.loc["x=1", "Δ"] + 0.10) < 1e-12
     assert table.loc["y=2", "main, same cells"] == 0.40 and abs(table.loc["y=2", "Δ"] - 0.05) < 1e-12
     assert table.loc["y=2", "transfers"] == "b→a"
+
+
+def test_speaker_normalised_scores_get_their_own_systems_and_target_checks(tmp_path):
+    """A cell's test_by_speaker scores become systems with the _by_speaker suffix, and the targets are
+    checked a second time among them, every system normalised alike; the per-clip checks are unchanged."""
+    from transfers import summarize
+
+    def m(u):
+        return {"uar": u, "wa": u, "macro_f1": u}
+    cells = {}
+    for transfer in ("a→b", "b→a"):
+        cells[(transfer, 0, "main")] = {
+            "test": {"mifuse_ema": m(0.50), "fused_label": m(0.60), "lalm_zero_shot": m(0.55), "source_only": m(0.4)},
+            "test_by_speaker": {"mifuse_ema": m(0.66), "fused_label": m(0.62), "lalm_zero_shot": m(0.56),
+                                "source_only": m(0.41)}}
+    summarize(cells, str(tmp_path))
+    written = pd.read_csv(tmp_path / "transfers_cells.csv")
+    assert set(written.system) == {"mifuse_ema", "fused_label", "lalm_zero_shot", "source_only",
+                                   "mifuse_ema_by_speaker", "fused_label_by_speaker",
+                                   "lalm_zero_shot_by_speaker", "source_only_by_speaker"}
+    md = (tmp_path / "transfers.md").read_text()
+    per_clip, by_speaker = md.split("### The same checks with speaker-normalised inference")
+    assert "| mifuse_ema − fused labels | -0.100 |" in per_clip
+    assert "| mifuse_ema − fused labels | +0.040 | ≥ +0.02 | True |" in by_speaker
+    assert "| mifuse_ema − LALM zero-shot | +0.100 | ≥ +0.05 | True |" in by_speaker

@@ -173,3 +173,26 @@ def test_speaker_balancing_removes_what_is_constant_to_a_speaker():
     recall = lambda p: np.mean([(p[y == k] == k).mean() for k in range(C)])  # noqa: E731
     assert recall(balanced.argmax(1)) > recall(q.argmax(1)) + 0.1
     assert rescale_by_speaker(q, speakers, {}) is q
+
+
+def test_speaker_normalised_inference_scores_every_clip():
+    """evaluation.by_speaker: per-speaker balancing of a model's distributions; a clip without a
+    distribution stays unanswered (-1), a speaker under the minimum is predicted clip by clip."""
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.evaluation import by_speaker
+    cfg = MiFuseConfig()
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, C, 60)
+    logits = 1.5 * np.eye(C)[y] + rng.normal(0, 1.0, (60, C))
+    logits[:40, 1] += 2.5                                    # speaker a: heard as happy whatever the emotion
+    probs = list(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    probs[3] = None
+    speakers = ["a"] * 40 + ["b"] * 20                         # b: under the minimum set below
+    cfg.fusion.speaker_min_clips = 21
+    pred = by_speaker(probs, speakers, cfg)
+    assert pred[3] == -1
+    np.testing.assert_array_equal(pred[40:], np.argmax(logits[40:], 1))   # b: as the model said
+    recall = lambda p, t: np.mean([(p[t == k] == k).mean() for k in range(C) if (t == k).any()])  # noqa: E731
+    plain = np.argmax(logits, 1)
+    keep = np.arange(40) != 3
+    assert recall(pred[:40][keep], y[:40][keep]) > recall(plain[:40][keep], y[:40][keep]) + 0.1
