@@ -16,12 +16,21 @@ def run() -> None:
     p.add_argument("--input", required=True, help="manifest .parquet, folder, or URI")
     p.add_argument("--split", default=None, help="only this split of a manifest")
     p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--by-speaker", action="store_true",
+                   help="also pred_by_speaker: each speaker's predictions balanced over their clips (needs the "
+                        "manifest's speaker_id; speakers under fusion.speaker_min_clips clips stay per clip)")
     cfg, args = parse_config(p)
     from mifuse_ray.api import predict
     from mifuse_ray.labeling import write_parquet
     df = predict(cfg, args.input, args.model, args.split)
-    keep = [c for c in ("clip_id", "path", "parent_id", "offset_s", "pred", "probs", "confidence", "error")
-            if c in df.columns]
+    if args.by_speaker:
+        if "speaker_id" not in df or df["speaker_id"].isna().all():
+            raise ValueError("--by-speaker needs a speaker_id column in the manifest given to --input")
+        from mifuse_ray.evaluation import by_speaker
+        pred = by_speaker(df["probs"], df["speaker_id"], cfg)
+        df["pred_by_speaker"] = [cfg.labels[k] if k >= 0 else None for k in pred]
+    keep = [c for c in ("clip_id", "path", "parent_id", "offset_s", "speaker_id", "pred", "pred_by_speaker", "probs",
+                        "confidence", "error") if c in df.columns]
     write_parquet(df[keep], args.out)
     print(f"{len(df)} clips ({int(df['error'].notna().sum())} errors) -> {args.out}")
 

@@ -63,6 +63,22 @@ def test_adapt_writes_every_artefact(adapt_run):
     assert load_model(os.path.join(out, "models", "mifuse", "ema")).labels == ["neutral", "happy", "angry", "sad"]
 
 
+def test_predict_job_scores_clips_and_speakers(adapt_run, tmp_path):
+    """jobs/predict.py on the adapted model: one row per test clip, and with --by-speaker the
+    speaker-normalised prediction beside the per-clip one."""
+    import pandas as pd
+    out, args, _ = adapt_run
+    preds = str(tmp_path / "preds.parquet")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "predict.py"), "--model",
+                           os.path.join(out, "models", "mifuse", "ema"), "--input", args[args.index("--target") + 1],
+                           "--split", "test", "--out", preds, "--by-speaker"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_parquet(preds)
+    assert len(df) == 48 and df["pred"].notna().all() and df["pred_by_speaker"].notna().all()
+    assert set(df["pred_by_speaker"]) <= {"neutral", "happy", "angry", "sad"}
+
+
 def test_console_is_short_and_ends_with_the_summary(adapt_run):
     """One line per stage, Ray's own logs in a file, and the summary table last."""
     out, _, proc = adapt_run
