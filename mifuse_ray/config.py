@@ -118,7 +118,7 @@ class FusionConfig:
     # also balance each speaker's labels towards the prior (the manifest's speaker_id; see fusion.speaker_scales):
     # what stays constant over a speaker's clips (their pitch, loudness, rate) is not their emotion
     balance_speakers: bool = False
-    speaker_min_clips: int = 20         # speakers with fewer clips in the split keep the split's balancing
+    speaker_min_clips: int = 20         # fewer clips than this: a speaker is not balanced (labels, and by-speaker inference)
     calibrate: bool = False             # a temperature per teacher, fitted on the dev split's labels
     select_on_dev: bool = False         # choose among `candidates` by fused-label UAR on half the dev split
     candidates: list[str] = field(default_factory=lambda: ["mean_balanced", "product_balanced", "mean_dev_weighted"])
