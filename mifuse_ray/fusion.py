@@ -230,21 +230,21 @@ def speaker_scales(q, speakers, prior, min_clips: int, iters: int = 20, notes: l
     classes as the split's do (the prior); a speaker with fewer than ``min_clips`` labelled clips, or
     none (an empty or missing id), is left as the split's balancing made it."""
     q = np.asarray(q, dtype=np.float64)
-    speakers = np.asarray(speakers, dtype=object)
+    keys = np.array(["" if s is None or (isinstance(s, float) and np.isnan(s)) else str(s) for s in speakers],
+                    dtype=object)
     prior = np.asarray(prior, dtype=np.float64)
     floor = 0.02 / q.shape[1]
-    ok = np.isfinite(q).all(1)
+    ok = np.flatnonzero(np.isfinite(q).all(1) & (keys != ""))
     notes = [] if notes is None else notes
+    names, inverse, counts = np.unique(keys[ok].astype(str), return_inverse=True, return_counts=True)
+    groups = np.split(ok[np.argsort(inverse, kind="stable")], np.cumsum(counts)[:-1])   # one sort, not one scan each
     out = {}
-    for speaker in dict.fromkeys(speakers[ok]):
-        if speaker is None or speaker == "" or (isinstance(speaker, float) and np.isnan(speaker)):
-            continue
-        rows = q[ok & (speakers == speaker)]
+    for speaker, rows in zip(names, groups):
         if len(rows) < min_clips:
             continue
         scale = np.ones(q.shape[1])
         for _ in range(iters):
-            scale = _scale_step(scale, rescale(rows, scale).mean(0), prior, floor, notes, f"speaker {speaker}")
+            scale = _scale_step(scale, rescale(q[rows], scale).mean(0), prior, floor, notes, "a speaker's labels")
         out[str(speaker)] = scale / scale.sum()
     return out
 
