@@ -8,6 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mifuse_ray.cli import main, parse_config, parser  # noqa: E402
+from mifuse_ray.config import ConfigError  # noqa: E402
 
 
 def run() -> None:
@@ -22,10 +23,12 @@ def run() -> None:
     cfg, args = parse_config(p)
     from mifuse_ray.api import predict
     from mifuse_ray.labeling import write_parquet
+    if args.by_speaker:             # checked before any model runs
+        from mifuse_ray.audio import list_inputs
+        if list_inputs(args.input, split=args.split)["speaker_id"].isna().all():
+            raise ConfigError("--by-speaker needs a speaker_id column in the manifest given to --input")
     df = predict(cfg, args.input, args.model, args.split)
     if args.by_speaker:
-        if "speaker_id" not in df or df["speaker_id"].isna().all():
-            raise ValueError("--by-speaker needs a speaker_id column in the manifest given to --input")
         from mifuse_ray.evaluation import by_speaker
         pred = by_speaker(df["probs"], df["speaker_id"], cfg)
         df["pred_by_speaker"] = [cfg.labels[k] if k >= 0 else None for k in pred]

@@ -79,6 +79,17 @@ def test_predict_job_scores_clips_and_speakers(adapt_run, tmp_path):
     assert set(df["pred_by_speaker"]) <= {"neutral", "happy", "angry", "sad"}
 
 
+def test_predict_by_speaker_without_speakers_is_one_line_before_any_model_runs(tmp_path):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.wav").write_bytes(b"not read: the check comes first")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "predict.py"), "--model", str(tmp_path / "none"),
+                           "--input", str(tmp_path / "clips"), "--out", str(tmp_path / "p.parquet"), "--by-speaker"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: --by-speaker needs a speaker_id column in the manifest given to --input"
+
+
 def test_console_is_short_and_ends_with_the_summary(adapt_run):
     """One line per stage, Ray's own logs in a file, and the summary table last."""
     out, _, proc = adapt_run
