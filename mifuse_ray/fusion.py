@@ -210,11 +210,13 @@ def temper(p, temperature: float):
 
 
 def rescale(p, scale):
-    """p ⊙ v / <p, v> per row (rows that are all zero or NaN stay as they are)."""
+    """p ⊙ v / <p, v> per row (rows that are all zero or NaN stay as they are); v is one (C,) vector
+    for every row, or a (B, C) matrix of one per row."""
     if scale is None:
         return p
     ops = _Ops(p)
-    scaled = p * ops.f32(scale)[None, :]
+    scale = ops.f32(scale)
+    scaled = p * (scale[None, :] if scale.ndim == 1 else scale)
     norm = ops.sum_keep(scaled)
     return ops.where(norm > 0, scaled / ops.where(norm > 0, norm, 1.0), p)
 
@@ -257,9 +259,7 @@ def rescale_by_speaker(q, speakers, scales: dict | None):
     q = np.array(q, dtype=np.float64)
     rows = [i for i, s in enumerate(speakers) if str(s) in scales]
     if rows:
-        scaled = q[rows] * np.stack([scales[str(speakers[i])] for i in rows])
-        norm = scaled.sum(1, keepdims=True)
-        q[rows] = np.where(norm > 0, scaled / np.where(norm > 0, norm, 1.0), q[rows])
+        q[rows] = rescale(q[rows], np.stack([scales[str(speakers[i])] for i in rows]))
     return q
 
 
