@@ -126,18 +126,21 @@ def changed_settings(out: str, cfg) -> list[str]:
 
 def cell_config(source, target, seed, out, out_root, scale):
     """The configuration of one cell: a demo transfer, or a demo source onto a held-out domain
-    (benchmarks/heldout.py), which is written under the same root and given as a manifest."""
+    (benchmarks/heldout.py) or a demo domain with more adaptation speakers (benchmarks/adapt_speakers.py),
+    which is written under the same root and given as a manifest."""
     from mifuse_ray.config import MiFuseConfig, apply_overrides
     from mifuse_ray.demo.domains import DOMAINS, ensure_domain
+    from adapt_speakers import ADAPT_SPEAKER_DOMAINS
     from heldout import HELDOUT_DOMAINS
+    extra_targets = {**HELDOUT_DOMAINS, **ADAPT_SPEAKER_DOMAINS}
     cfg = MiFuseConfig(output=out)
     root = os.path.join(out_root, "_demo")
     demo_target = target if target in DOMAINS else next(d for d in DOMAINS if d != source)
     cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=demo_target, scale=scale, root=root)
-    if target in HELDOUT_DOMAINS:
+    if target in extra_targets:
         from mifuse_ray.inputs import demo_paths
         _, cfg.source.checkpoint = demo_paths(cfg)
-        cfg.target = ensure_domain(HELDOUT_DOMAINS[target], root, scale)
+        cfg.target = ensure_domain(extra_targets[target], root, scale)
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 10, 20
     cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
     return apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS})
