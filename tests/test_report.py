@@ -1,0 +1,28 @@
+"""report.md's verdict (pure: a results dict in, Markdown lines out)."""
+from mifuse_ray.report import MEASURED_ADAPTATION_CLIPS, verdict_lines
+
+
+def _results(adaptation_clips: int) -> dict:
+    truth = {f"c{i}": i % 4 for i in range(40)}
+    right = dict(truth)
+    half = {c: (y if i % 2 else (y + 1) % 4) for i, (c, y) in enumerate(truth.items())}
+    return {"selection": {"mifuse": {"final model": "ema"}}, "truth": truth,
+            "test": {"mifuse_ema": {"uar": 0.5}, "fused_label": {"uar": 1.0}},
+            "predictions": {"mifuse_ema": half, "fused_label": right},
+            "labeling": {"labelled": adaptation_clips}}
+
+
+def test_a_student_below_its_labels_on_a_small_split_is_told_what_more_audio_did():
+    text = "\n".join(verdict_lines(_results(300), 4))
+    assert "below the fused label" in text and "**Warning:**" in text
+    assert "It learnt from 300 adaptation clips" in text and "'More target audio'" in text
+    # at the size the benchmark measured (or above) there is no measurement to offer
+    assert "adaptation clips" not in "\n".join(verdict_lines(_results(MEASURED_ADAPTATION_CLIPS), 4))
+
+
+def test_a_student_above_everything_gets_no_warning():
+    results = _results(300)
+    results["predictions"]["mifuse_ema"], results["predictions"]["fused_label"] = \
+        results["predictions"]["fused_label"], results["predictions"]["mifuse_ema"]
+    text = "\n".join(verdict_lines(results, 4))
+    assert "above the fused label" in text and "Warning" not in text and "adaptation clips" not in text
