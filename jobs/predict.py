@@ -23,11 +23,13 @@ def run() -> None:
     cfg, args = parse_config(p)
     from mifuse_ray.api import predict
     from mifuse_ray.labeling import write_parquet
-    if args.by_speaker:             # checked before any model runs
+    target = args.input
+    if args.by_speaker:             # checked before any model runs, on the listing predict then reads
         from mifuse_ray.audio import list_inputs
-        if list_inputs(args.input, split=args.split)["speaker_id"].isna().all():
+        target = list_inputs(args.input, split=args.split)
+        if target["speaker_id"].isna().all():
             raise ConfigError("--by-speaker needs a speaker_id column in the manifest given to --input")
-    df = predict(cfg, args.input, args.model, args.split)
+    df = predict(cfg, target, args.model, args.split)
     if args.by_speaker:
         from mifuse_ray.evaluation import by_speaker
         pred = by_speaker(df["probs"], df["speaker_id"], cfg)

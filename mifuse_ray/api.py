@@ -16,7 +16,7 @@ __all__ = ["AdaptResult", "Inputs", "MiFuseConfig", "adapt", "label_or_reuse", "
            "predict", "prepare", "resolve_inputs"]
 
 
-def predict(cfg: MiFuseConfig, target: str, model_dir: str, split: str | None = None) -> pd.DataFrame:
+def predict(cfg: MiFuseConfig, target: str | pd.DataFrame, model_dir: str, split: str | None = None) -> pd.DataFrame:
     from .predict import predict_files
     init_ray(cfg.ray_address)
     return predict_files(target, model_dir, cfg, split)

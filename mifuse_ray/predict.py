@@ -31,8 +31,11 @@ def predict_decoded(ds, model_dir: str, cfg: MiFuseConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values("clip_id").reset_index(drop=True) if frames else pd.DataFrame()
 
 
-def predict_files(target: str, model_dir: str, cfg: MiFuseConfig, split: str | None = None) -> pd.DataFrame:
+def predict_files(target: str | pd.DataFrame, model_dir: str, cfg: MiFuseConfig,
+                  split: str | None = None) -> pd.DataFrame:
+    """``target``: a manifest, folder or URI, or a manifest DataFrame a caller has already listed."""
     from .audio import list_inputs
     from .data import read_decoded
     read_meta(model_dir)  # fail early and clearly on a wrong path
-    return predict_decoded(read_decoded(list_inputs(target, split=split), cfg.audio), model_dir, cfg)
+    manifest = target if isinstance(target, pd.DataFrame) else list_inputs(target, split=split)
+    return predict_decoded(read_decoded(manifest, cfg.audio), model_dir, cfg)
