@@ -14,8 +14,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mifuse_ray.demo.domains import DOMAINS, DomainConfig  # noqa: E402
+from heldout import HELDOUT_DOMAINS  # noqa: E402
 
 ADAPT_SPEAKERS = (12, 24)
 
@@ -27,5 +29,6 @@ def with_adapt_speakers(domain: DomainConfig, speakers: int) -> DomainConfig:
                                speakers_per_split={**domain.speakers_per_split, "adapt": speakers})
 
 
+# the demo's domains and the held-out ones (the effect of more audio is checked on both)
 ADAPT_SPEAKER_DOMAINS = {f"{name}_adapt{n}": with_adapt_speakers(domain, n)
-                         for name, domain in DOMAINS.items() for n in ADAPT_SPEAKERS}
+                         for name, domain in {**DOMAINS, **HELDOUT_DOMAINS}.items() for n in ADAPT_SPEAKERS}
