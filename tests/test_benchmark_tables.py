@@ -4,6 +4,7 @@ import os
 import sys
 
 import pandas as pd
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -97,15 +98,18 @@ def test_speaker_normalised_scores_get_their_own_systems_and_target_checks(tmp_p
     assert "| mifuse_ema − LALM zero-shot | +0.100 | ≥ +0.05 | True |" in by_speaker
 
 
-def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path):
+@pytest.mark.parametrize("name", ["call_centre", "voice_notes"])
+def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path, name):
     """benchmarks/adapt_speakers.py: a target with 12 adaptation speakers holds every clip of the demo
-    domain, same audio and label in the same order (only the name in the ids differs), then 6 new speakers."""
+    (or held-out) domain, same audio and label in the same order (only the name in the ids differs), then
+    6 new speakers."""
     import numpy as np
     import soundfile as sf
     from adapt_speakers import ADAPT_SPEAKER_DOMAINS
+    from heldout import HELDOUT_DOMAINS
     from mifuse_ray.demo.domains import DOMAINS, generate_domain
-    demo = pd.read_parquet(generate_domain(DOMAINS["call_centre"], str(tmp_path / "demo"), scale=0.04))
-    more = pd.read_parquet(generate_domain(ADAPT_SPEAKER_DOMAINS["call_centre_adapt12"], str(tmp_path / "more"),
+    demo = pd.read_parquet(generate_domain({**DOMAINS, **HELDOUT_DOMAINS}[name], str(tmp_path / "demo"), scale=0.04))
+    more = pd.read_parquet(generate_domain(ADAPT_SPEAKER_DOMAINS[f"{name}_adapt12"], str(tmp_path / "more"),
                                            scale=0.04))
     assert more.groupby("split")["speaker_id"].nunique().to_dict() == {"train": 8, "dev": 3, "test": 3, "adapt": 12}
     for a, b in zip(demo.itertuples(), more.itertuples()):
