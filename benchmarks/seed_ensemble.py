@@ -83,8 +83,8 @@ def main():
             print(f"{os.path.basename(cell)}: not every seed has a final model; skipped")
             continue
         rows.append(row)
-        print(f"{row['transfer']}: test student {row['test_student_uar']:.3f}, ensemble {row['test_ensemble_uar']:.3f}, "
-              f"soup {row['test_soup_uar']:.3f}", flush=True)
+        print(f"{row['transfer']}: test student {row['test_student_uar']:.3f}, "
+              f"ensemble {row['test_ensemble_uar']:.3f}, soup {row['test_soup_uar']:.3f}", flush=True)
     if not rows:
         raise SystemExit(f"no transfer under {a.bench_root} has final models for seeds {a.seeds}")
     df = pd.DataFrame(rows)

@@ -65,8 +65,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "epochs": [("train.epochs", v) for v in (32, 48)],
              # each speaker's labels balanced towards the prior as well as the split's (fusion.speaker_scales)
              "speakers": [("fusion.balance_speakers", True)],
-             # the model at the end of the best 3-epoch mean of dev UAR instead of the final EMA: on a→p the dev UAR is
-             # best after epoch 0 and falls from there, on the other transfers it rises to the end
+             # the model at the end of the best 3-epoch mean of dev UAR instead of the final EMA: on a→p the dev UAR
+             # is best after epoch 0 and falls from there, on the other transfers it rises to the end
              "select": [("train.select", "smoothed_dev")],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],

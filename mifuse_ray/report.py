@@ -66,9 +66,10 @@ def verdict_lines(results: dict, num_classes: int) -> list[str]:
         if clips and clips < MEASURED_ADAPTATION_CLIPS:
             lines += ["", f"> It learnt from {clips} adaptation clips. More target audio is what moved students most "
                       f"in the benchmark: {MEASURED_ADAPTATION_CLIPS} clips instead of 300 (four times the speakers) "
-                      "lifted them on all six demo transfers, by 2 to 18 points, and on both held-out domains, by 1 and 7 "
-                      "(benchmarks/results/README.md, 'More target audio'). If you have more unlabelled target audio, add it to the manifest and rerun into "
-                      "the same output folder: the LALM answers already paid for come from the response cache."]
+                      "lifted them on all six demo transfers, by 2 to 18 points, and on both held-out domains, by 1 "
+                      "and 7 (benchmarks/results/README.md, 'More target audio'). If you have more unlabelled target "
+                      "audio, add it to the manifest and rerun into the same output folder: the LALM answers already "
+                      "paid for come from the response cache."]
     return lines
 
 
