@@ -128,17 +128,23 @@ def summarize(rows: pd.DataFrame, out_root: str, command: str) -> None:
              f"`{command}` on {machine()}, commit {commit()}.", "",
              "Student recipe `lalm_labels` (fixed soft labels, no EMA, no consistency) on the adaptation split; "
              "`oracle` learns the true class of every adaptation clip, `fused` the shipped fused labels "
-             "(`no_ema`). `train_label_uar` is the UAR of the labels the student learnt, on the adaptation clips.", "",
-             "| transfer | labels | init | epochs | student test UAR | fused label test UAR | LALM test UAR | "
-             "train-label UAR | clips |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows.sort_values(["transfer", "epochs", "labels", "init"]).itertuples():
-        lines.append(f"| {r.transfer} | {r.labels} | {r.init} | {r.epochs} | {r.student_test_uar:.3f} | "
+             "(`no_ema`), `fused_speakers` the fused labels balanced per speaker too. `train_label_uar` is the UAR "
+             "of the labels the student learnt, on the adaptation clips.", "",
+             "| transfer | labels | init | epochs | seed | student test UAR | fused label test UAR | LALM test UAR | "
+             "train-label UAR | clips |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.sort_values(["transfer", "epochs", "labels", "init", "seed"]).itertuples():
+        lines.append(f"| {r.transfer} | {r.labels} | {r.init} | {r.epochs} | {r.seed} | {r.student_test_uar:.3f} | "
                      f"{r.fused_label_test_uar:.3f} | {r.lalm_test_uar:.3f} | {r.train_label_uar:.3f} | {r.clips} |")
-    means = rows.groupby(["labels", "init", "epochs"])[["student_test_uar", "fused_label_test_uar"]].agg(["mean", "size"])
-    lines += ["", "Mean over the transfers run:", "",
-              "| labels | init | epochs | transfers | student test UAR | fused label test UAR |", "|---|---|---|---|---|---|"]
-    lines += [f"| {lab} | {init} | {ep} | {int(m[('student_test_uar', 'size')])} | {m[('student_test_uar', 'mean')]:.3f} | "
-              f"{m[('fused_label_test_uar', 'mean')]:.3f} |" for (lab, init, ep), m in means.iterrows()]
+    # the mean over the transfers run at each seed, then its mean and spread over seeds
+    per_seed = rows.groupby(["labels", "init", "epochs", "seed"]).agg(
+        student=("student_test_uar", "mean"), fused=("fused_label_test_uar", "mean"), transfers=("transfer", "nunique"))
+    lines += ["", "Mean over the transfers run (± the std of that mean over seeds):", "",
+              "| labels | init | epochs | transfers | seeds | student test UAR | fused label test UAR |",
+              "|---|---|---|---|---|---|---|"]
+    for (lab, init, ep), m in per_seed.groupby(level=[0, 1, 2]):
+        spread = f" ± {m['student'].std():.3f}" if len(m) > 1 else ""
+        lines.append(f"| {lab} | {init} | {ep} | {'/'.join(str(n) for n in sorted(set(m['transfers'])))} | {len(m)} | "
+                     f"{m['student'].mean():.3f}{spread} | {m['fused'].mean():.3f} |")
     with open(os.path.join(out_root, "student_bound.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
