@@ -116,3 +116,19 @@ def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path, 
         assert (a.split, a.oracle_label) == (b.split, b.oracle_label)
         assert np.array_equal(sf.read(tmp_path / "demo" / a.path)[0], sf.read(tmp_path / "more" / b.path)[0])
     assert len(more) == len(demo) + 6 * 2
+
+
+def test_student_bound_averages_transfers_within_a_seed_then_over_seeds(tmp_path, monkeypatch):
+    """Rows of one recipe at several seeds: the mean over transfers per seed, then mean ± std over seeds."""
+    import scale
+    from student_bound import COLUMNS, summarize
+    monkeypatch.setattr(scale, "machine", lambda: "test machine")
+    monkeypatch.setattr(scale, "commit", lambda: "0000000")
+    rows = [{"transfer": t, "labels": "fused", "init": "fresh", "epochs": 48, "seed": s, "student_test_uar": u,
+             "student_dev_uar": 0.5, "fused_label_test_uar": 0.6, "lalm_test_uar": 0.5, "train_label_uar": 0.6,
+             "clips": 300, "seconds": 1.0}
+            for s, (ua, ub) in enumerate(((0.50, 0.70), (0.40, 0.60))) for t, u in (("a→b", ua), ("b→a", ub))]
+    summarize(pd.DataFrame(rows, columns=COLUMNS), str(tmp_path), "cmd")
+    table = (tmp_path / "student_bound.md").read_text()
+    # seed means 0.60 and 0.50: 0.550 ± 0.071 over two transfers and two seeds
+    assert "| fused | fresh | 48 | 2 | 2 | 0.550 ± 0.071 | 0.600 |" in table
