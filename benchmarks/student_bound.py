@@ -98,19 +98,22 @@ def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed,
     adapt = split_labels["adapt"].table
     adapt = adapt[adapt["error"].isna()].reset_index(drop=True)
     y = np.array([cfg.labels.index(v) for v in adapt["oracle_label"]])
+    # fitted once per transfer: the speaker scales do not depend on the start, the length or the seed
+    speakers = speaker_choice(split_labels, cfg) if any(lab == "fused_speakers" for lab, _, _ in todo) else None
     for lab, init, ep in todo:
         # oracle: lalm_labels learns the replaced answers; fused: no_ema learns the dev-chosen fusion;
         # fused_speakers: the same choice made with each speaker's labels balanced too.
         # All are fixed soft labels with KL + diversity, no EMA, no consistency.
         table = oracle_table(adapt, cfg.labels) if lab == "oracle" else adapt
         mode = "lalm_labels" if lab == "oracle" else "no_ema"
-        lab_choice = choice if lab != "fused_speakers" else speaker_choice(split_labels, cfg)
+        lab_choice = speakers if lab == "fused_speakers" else choice
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode, epochs=ep, seed=seed,
                                                                      **INITS[init]))
         q = np.stack(training_table(table, run_cfg, *mode_labels(run_cfg, table, lab_choice))["q"])
         t = time.time()
         res = train_student(run_cfg, table, student_dev, inputs.source_checkpoint, cfg.output,
-                            run_name=f"{lab}_e{ep}_s{seed}" + ("" if init == "source" else f"_{init}"), choice=lab_choice)
+                            run_name=f"{lab}_e{ep}_s{seed}" + ("" if init == "source" else f"_{init}"),
+                            choice=lab_choice)
         row = {"transfer": transfer, "labels": lab, "init": init, "epochs": ep, "seed": seed,
                "student_test_uar": test_uar(cfg, inputs.test_df, res.student_dir),
                "student_dev_uar": res.best_metrics.get("dev_uar"), "fused_label_test_uar": fused_uar,
