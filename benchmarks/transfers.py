@@ -38,6 +38,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "lr": [("train.lr", 1e-3)],
              "init": [(("train.init", "shrink_perturb"), ("train.batchnorm", "update"))],
              "init_fresh": [FRESH_START],
+             # only the head learns; the trunk keeps the source's features (fewer ways to learn the labels' errors)
+             "head": [("train.trainable", "head")],
              # the fresh start trained three times as long: with the true labels it needs ~48 epochs to pass
              # the fused label (benchmarks/student_bound.py)
              "init_fresh_long": [FRESH_START + (("train.epochs", 48),)],

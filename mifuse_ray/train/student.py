@@ -111,6 +111,9 @@ def _setup(inp: LoopInputs) -> _Run:
     steps_per_epoch = max(1, inp.n_train // (t.batch_size * world))
     alpha = decay_from_half_life(t.ema_half_life_steps, 1) if t.ema_half_life_steps > 0 else t.ema_decay
     ema = EMATeacher(student, alpha) if inp.mode.ema else None
+    if t.trainable == "head" and inp.mode.labels is not None:  # the trunk keeps the source's features
+        student.requires_grad_(False)
+        student.head_module().requires_grad_(True)
     if "classifier" in inp.mode.frozen:         # SHOT keeps the source hypothesis (the last linear layer)
         last = [m for m in student.head_module().modules() if isinstance(m, torch.nn.Linear)][-1]
         last.requires_grad_(False)
