@@ -342,6 +342,37 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
         assert torch.equal(student.blocks[0][1].running_mean, after) and student.blocks[0][1].momentum == 0.1
 
 
+@pytest.mark.parametrize("mode,trainable", [("mifuse", "all"), ("mifuse", "head"), ("shot_im", "head")])
+def test_a_head_only_student_keeps_the_source_trunk(mode, trainable):
+    """train.trainable head: an epoch moves the head and leaves every trunk weight as the source's;
+    SHOT-IM adapts its trunk (classifier frozen) whatever the setting."""
+    import dataclasses
+
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.modes import MODES
+    from mifuse_ray.train.student import _train_epoch, trained_parameters
+
+    class Shard:
+        def iter_batches(self, **kw):
+            return iter([_noise_batch(np.random.default_rng(i)) for i in range(2)])
+
+    cfg = MiFuseConfig()
+    cfg.train = dataclasses.replace(cfg.train, trainable=trainable, mode=mode)
+    student = LogMelCNN(channels=(4, 4), embed_dim=8)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    run = _cpu_run(cfg, student, lr=1e-2, train_shard=Shard())
+    params = trained_parameters(student, MODES[mode], trainable)
+    run.opt = torch.optim.SGD(params, lr=1e-2)
+    run.inp = dataclasses.replace(run.inp, mode=MODES[mode])
+    _train_epoch(run, 0)
+    moved = {k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
+    trunk_moved = {k for k in moved if k.startswith("blocks.")}
+    head_moved = {k for k in moved if k.startswith("head_net.")}
+    assert bool(trunk_moved) == (trainable == "all" or mode == "shot_im")
+    assert "head_net.1.weight" in head_moved
+    assert ("head_net.4.weight" in head_moved) == (mode != "shot_im")      # SHOT's classifier stays the source's
+
+
 @pytest.mark.parametrize("setting", ["weak", "strong", "no_consistency"])
 def test_consistency_step_learns_the_labels_on_the_weak_view(setting):
     """FixMatch's split: the fused label is learnt on the weak view (here: augmentation off, so the clean

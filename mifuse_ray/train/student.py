@@ -111,13 +111,7 @@ def _setup(inp: LoopInputs) -> _Run:
     steps_per_epoch = max(1, inp.n_train // (t.batch_size * world))
     alpha = decay_from_half_life(t.ema_half_life_steps, 1) if t.ema_half_life_steps > 0 else t.ema_decay
     ema = EMATeacher(student, alpha) if inp.mode.ema else None
-    if t.trainable == "head" and inp.mode.labels is not None:  # the trunk keeps the source's features
-        student.requires_grad_(False)
-        student.head_module().requires_grad_(True)
-    if "classifier" in inp.mode.frozen:         # SHOT keeps the source hypothesis (the last linear layer)
-        last = [m for m in student.head_module().modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = trained_parameters(student, inp.mode, t.trainable)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = lr_schedule(opt, steps_per_epoch * t.epochs, t.warmup_frac, t.lr_decay)
     balances = _initial_balances(inp)
@@ -143,6 +137,20 @@ def _setup(inp: LoopInputs) -> _Run:
 
 
 @torch.no_grad()
+def trained_parameters(student, mode: Mode, trainable: str) -> list:
+    """The parameters the optimiser moves, the others frozen. ``train.trainable head``: only the head,
+    so that the trunk keeps the source's features (with a few hundred noisy labels, a whole network
+    learns their errors along with the classes; a head on fixed features has fewer ways to). SHOT
+    keeps the source hypothesis (the last linear layer) and adapts the trunk, whatever ``trainable``."""
+    if trainable == "head" and mode.labels is not None:
+        student.requires_grad_(False)
+        student.head_module().requires_grad_(True)
+    if "classifier" in mode.frozen:
+        last = [m for m in student.head_module().modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.requires_grad_(False)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
 def _adapt_norm(run: _Run) -> None:
     """AdaBN: the source model's BatchNorm statistics describe the source domain; re-estimate them
     once on the target's clean clips (a cumulative average over one pass) before training, then
