@@ -39,9 +39,8 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "init": [(("train.init", "shrink_perturb"), ("train.batchnorm", "update"))],
              "init_fresh": [FRESH_START],
              # only the head learns; the trunk keeps the source's features (fewer ways to learn the labels' errors)
-             # ... with the clean clips only (no weak-view augmentation), and at a faster rate as well
-             "head": [("train.trainable", "head"), (("train.trainable", "head"), ("train.augment", False)),
-                      (("train.trainable", "head"), ("train.augment", False), ("train.lr", 1e-3))],
+             "head": [("train.trainable", "head")],
+             "head_lr": [(("train.trainable", "head"), ("train.lr", 1e-3))],
              # the fresh start trained three times as long: with the true labels it needs ~48 epochs to pass
              # the fused label (benchmarks/student_bound.py)
              "init_fresh_long": [FRESH_START + (("train.epochs", 48),)],

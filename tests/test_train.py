@@ -371,6 +371,9 @@ def test_a_head_only_student_keeps_the_source_trunk(mode, trainable):
     assert bool(trunk_moved) == (trainable == "all" or mode == "shot_im")
     assert "head_net.1.weight" in head_moved
     assert ("head_net.4.weight" in head_moved) == (mode != "shot_im")      # SHOT's classifier stays the source's
+    # a frozen trunk is a fixed feature map: no dropout in it while the head learns
+    assert student.blocks[0][4].training == (trainable == "all" or mode == "shot_im")
+    assert student.head_net.training
 
 
 @pytest.mark.parametrize("setting", ["weak", "strong", "no_consistency"])
