@@ -40,7 +40,11 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "init_fresh": [FRESH_START],
              # only the head learns; the trunk keeps the source's features (fewer ways to learn the labels' errors)
              "head": [("train.trainable", "head")],
+             # the head-only student with one of the shipped recipe's parts changed: a faster rate, no mixup,
+             # no online re-fusion (what separates it from a head fitted to the fixed labels alone)
              "head_lr": [(("train.trainable", "head"), ("train.lr", 1e-3))],
+             "head_nomix": [(("train.trainable", "head"), ("train.mixup_alpha", 0.0))],
+             "head_norefusion": [(("train.trainable", "head"), ("train.online_fusion_from_epoch", 1000))],
              # the fresh start trained three times as long: with the true labels it needs ~48 epochs to pass
              # the fused label (benchmarks/student_bound.py)
              "init_fresh_long": [FRESH_START + (("train.epochs", 48),)],
