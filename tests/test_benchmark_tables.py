@@ -132,3 +132,21 @@ def test_student_bound_averages_transfers_within_a_seed_then_over_seeds(tmp_path
     table = (tmp_path / "student_bound.md").read_text()
     # seed means 0.60 and 0.50: 0.550 ± 0.071 over two transfers and two seeds
     assert "| fused | fresh | 48 | 2 | 2 | 0.550 ± 0.071 | 0.600 |" in table
+
+
+def test_head_probe_standardises_per_speaker_and_fits_a_balanced_linear_head():
+    """benchmarks/head_probe.py: by-speaker standardisation removes each speaker's offset (what a
+    per-clip model cannot), and the class-balanced linear head finds a minority class."""
+    import numpy as np
+    from head_probe import fit_linear, standardised
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 90 + [1] * 10)
+    speaker = np.array(["a", "b"] * 50)
+    x = np.stack([y * 2.0 + rng.normal(0, 0.3, 100), rng.normal(0, 1, 100)], 1)
+    x[speaker == "b"] += 10.0                                              # a speaker's voice, not a class
+    by_speaker = standardised(x, speaker)
+    for s in ("a", "b"):
+        assert np.allclose(by_speaker[speaker == s].mean(0), 0.0, atol=1e-9)
+    assert np.allclose(standardised(x, None, x).mean(0), 0.0, atol=1e-9)
+    pred = fit_linear(by_speaker, y, 2)(by_speaker).argmax(1)
+    assert (pred[y == 1] == 1).mean() >= 0.9 and (pred[y == 0] == 0).mean() >= 0.9

@@ -1,0 +1,186 @@
+"""A head on the source model's fixed features: what it learns from the fused labels, outside the loop.
+
+    python benchmarks/head_probe.py --bench-root <a six-transfer tree> [--transfers acted_studio:podcast ...]
+        [--out benchmarks/results/head_probe]
+
+For each transfer (its seed-0 main cell's stored labels; no LALM call, no Ray), the source model's
+trunk embeds every adaptation and test clip once (the pooled statistics its head reads, clean clips,
+eval mode), and a head is fitted on those fixed features:
+
+- `source_head`: the source model's own head fine-tuned on the fused labels (KL to q + diversity,
+  AdamW 3e-4, 16 epochs, batch 32; mean of two seeds): what `train.trainable head` trains, without the
+  loop's augmentation, mixup, EMA and re-fusion;
+- `source_head_dropout`: the same, its training features drawn with the trunk's dropout on (three
+  draws per clip; test features without): what a frozen trunk left in train mode feeds its head;
+- `linear`: a fresh linear classifier on the features standardised with the adaptation split's mean
+  and spread (class-balanced cross-entropy on the fused label's top class, L2 as scikit-learn's C = 0.1, L-BFGS);
+- `linear_by_speaker`: the same with each speaker's clips standardised by that speaker's own mean and
+  spread, in training and at test: inference over a speaker's clips together (transductive within a
+  speaker), so it compares with the teachers' by-speaker figures (`transfers.py`'s `*_by_speaker`),
+  never with their per-clip ones.
+
+`linear` and `linear_by_speaker` also learn the true classes of the adaptation clips (`*_oracle`, a
+label only the demo has): how much of what is left is the labels'.
+"""
+import argparse
+import copy
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from transfers import DOMAINS, cell_config, main_config  # noqa: E402
+
+SPLITS = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
+
+
+def pooled_features(model, paths, audio_cfg, dropout: bool = False, batch: int = 50) -> np.ndarray:
+    """The pooled trunk statistics of every clip (the head's input), trunk in eval mode unless ``dropout``
+    (then its dropout layers only are on: BatchNorm keeps the source's statistics, as in training)."""
+    from mifuse_ray.audio import load_audio
+    wavs = [load_audio(p, audio_cfg) for p in paths]
+    model.eval()
+    if dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.train()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(wavs), batch):
+            chunk = wavs[i:i + batch]
+            x = torch.zeros(len(chunk), max(len(w) for w in chunk))
+            for j, w in enumerate(chunk):
+                x[j, :len(w)] = torch.from_numpy(w)
+            out.append(model.trunk(x, torch.tensor([len(w) for w in chunk]))["pooled"].numpy())
+    model.eval()
+    return np.concatenate(out)
+
+
+def fine_tune_head(head, x, q, seed: int, lr=3e-4, epochs=16, batch=32, weight_decay=1e-2) -> torch.nn.Module:
+    """The source head trained on fixed features: KL to the soft label + diversity (uniform prior)."""
+    torch.manual_seed(seed)
+    head = copy.deepcopy(head).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    x, q = torch.tensor(x, dtype=torch.float32), torch.tensor(q, dtype=torch.float32)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i:i + batch]
+            logp = torch.log_softmax(head(x[idx]), 1)
+            mean_p = logp.exp().mean(0)
+            loss = -(q[idx] * logp).sum(1).mean() + (mean_p * torch.log(mean_p * q.shape[1] + 1e-8)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+def fit_linear(x, y, num_classes: int, l2: float = 10.0):
+    """Multinomial logistic regression, classes weighted equally, L2 on the weights (L-BFGS; l2 = 10 is
+    scikit-learn's C = 0.1 with class_weight=balanced)."""
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1).double()
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        nll = torch.nn.functional.cross_entropy(x @ w + b, y, reduction="none")
+        loss = (nll / counts[y]).sum() / num_classes + 0.5 * l2 * (w ** 2).sum() / len(y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return lambda z: (torch.tensor(z, dtype=torch.float64) @ w + b).detach().numpy()
+
+
+def standardised(x, groups, reference=None):
+    """Each group's rows standardised by that group's mean and spread (``reference``: one group's
+    statistics for every row, the adaptation split's)."""
+    x = np.asarray(x, dtype=np.float64).copy()
+    if reference is not None:
+        return (x - reference.mean(0)) / (reference.std(0) + 1e-3)
+    for g in np.unique(groups):
+        rows = groups == g
+        x[rows] = (x[rows] - x[rows].mean(0)) / (x[rows].std(0) + 1e-3)
+    return x
+
+
+def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
+    from mifuse_ray.calibration import choose_fusion
+    from mifuse_ray.fused_labels import fit_table, fusion_columns
+    from mifuse_ray.inputs import resolve_inputs
+    from mifuse_ray.metrics import uar
+    from mifuse_ray.models.base import load_model
+    cell = os.path.join(bench_root, f"{source}__{target}", "seed0", "main")
+    paths = {split: os.path.join(cell, name, "labels.parquet") for split, name in SPLITS.items()}
+    if not all(os.path.exists(p) for p in paths.values()):
+        print(f"skipping {source}→{target}: no stored labels under {cell}")
+        return None
+    cfg = cell_config(source, target, 0, cell, bench_root, 1.0)
+    inputs = resolve_inputs(cfg)
+    labels, C = list(cfg.labels), len(cfg.labels)
+    tables = {split: pd.read_parquet(p) for split, p in paths.items()}
+    choice = choose_fusion(tables["adapt"], tables["dev"], main_config().fusion, labels)
+    model = load_model(inputs.source_checkpoint)
+    splits = {}
+    for split, df in (("adapt", inputs.adapt_df), ("test", inputs.test_df)):
+        t = tables[split][tables[split]["error"].isna()].reset_index(drop=True)
+        fit = choice.fit if split == "adapt" else fit_table(t, C, choice.config, choice.fit.temperatures)
+        fused = fusion_columns(t, C, choice.config, fit).set_index("clip_id")
+        df = df[df["clip_id"].isin(fused.index)].reset_index(drop=True)
+        splits[split] = {"df": df, "x": pooled_features(model, df["path"], cfg.audio),
+                         "speaker": df["speaker_id"].astype(str).to_numpy(),
+                         "truth": np.array([labels.index(v) for v in df["oracle_label"]]),
+                         "q": np.stack(fused.loc[df["clip_id"], "q"].to_numpy()),
+                         "lalm": fused.loc[df["clip_id"], "lalm_pred"].to_numpy()}
+    a, t = splits["adapt"], splits["test"]
+    row = {"transfer": f"{source}→{target}", "clips": len(a["df"]),
+           "fused_label": uar(t["truth"], t["q"].argmax(1), C), "lalm_zero_shot": uar(t["truth"], t["lalm"], C)}
+    heads = [fine_tune_head(model.head_net, a["x"], a["q"], seed) for seed in (0, 1)]
+    with torch.no_grad():
+        row["source_head"] = np.mean([uar(t["truth"], h(torch.tensor(t["x"])).argmax(1).numpy(), C) for h in heads])
+    noisy = np.concatenate([pooled_features(model, a["df"]["path"], cfg.audio, dropout=True) for _ in range(3)])
+    heads = [fine_tune_head(model.head_net, noisy, np.tile(a["q"], (3, 1)), seed, epochs=6) for seed in (0, 1)]
+    with torch.no_grad():
+        row["source_head_dropout"] = np.mean([uar(t["truth"], h(torch.tensor(t["x"])).argmax(1).numpy(), C)
+                                              for h in heads])
+    for name, train_x, test_x in (
+            ("linear", standardised(a["x"], None, a["x"]), standardised(t["x"], None, a["x"])),
+            ("linear_by_speaker", standardised(a["x"], a["speaker"]), standardised(t["x"], t["speaker"]))):
+        for suffix, y in (("", a["q"].argmax(1)), ("_oracle", a["truth"])):
+            row[name + suffix] = uar(t["truth"], fit_linear(train_x, y, C)(test_x).argmax(1), C)
+    print(row, flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench-root", default="benchmarks/results/transfers", help="the six-transfer cells")
+    p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
+    p.add_argument("--out", default="benchmarks/results/head_probe")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    pairs = [t.split(":") for t in args.transfers] if args.transfers else \
+        [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
+    rows = [r for r in (probe_transfer(s, t, args.bench_root) for s, t in pairs) if r is not None]
+    if not rows:
+        sys.exit(f"no stored labels under {args.bench_root}: run benchmarks/transfers.py first")
+    from mifuse_ray.report import markdown_table
+    df = pd.DataFrame(rows)
+    df = pd.concat([df, pd.DataFrame([{"transfer": "average", **df.mean(numeric_only=True)}])], ignore_index=True)
+    os.makedirs(args.out, exist_ok=True)
+    df.to_csv(os.path.join(args.out, "head_probe.csv"), index=False)
+    text = "\n".join([f"# A head on the source model's fixed features (test UAR; `python benchmarks/head_probe.py "
+                      f"{' '.join(sys.argv[1:])}`)", "", markdown_table(df.round(3)), ""])
+    open(os.path.join(args.out, "head_probe.md"), "w").write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
