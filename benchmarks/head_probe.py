@@ -174,6 +174,7 @@ def main():
     from mifuse_ray.report import markdown_table
     df = pd.DataFrame(rows)
     df = pd.concat([df, pd.DataFrame([{"transfer": "average", **df.mean(numeric_only=True)}])], ignore_index=True)
+    df["clips"] = df["clips"].round().astype(int)
     os.makedirs(args.out, exist_ok=True)
     df.to_csv(os.path.join(args.out, "head_probe.csv"), index=False)
     text = "\n".join([f"# A head on the source model's fixed features (test UAR; `python benchmarks/head_probe.py "
