@@ -136,13 +136,17 @@ def _setup(inp: LoopInputs) -> _Run:
                 ray.train.get_dataset_shard("train"), _optional_shard("dev"))
 
 
-@torch.no_grad()
+def head_only(mode: Mode, trainable: str) -> bool:
+    """``train.trainable head`` acts on the modes that learn labels; SHOT-IM adapts its trunk by definition."""
+    return trainable == "head" and mode.labels is not None
+
+
 def trained_parameters(student, mode: Mode, trainable: str) -> list:
     """The parameters the optimiser moves, the others frozen. ``train.trainable head``: only the head,
     so that the trunk keeps the source's features (with a few hundred noisy labels, a whole network
     learns their errors along with the classes; a head on fixed features has fewer ways to). SHOT
     keeps the source hypothesis (the last linear layer) and adapts the trunk, whatever ``trainable``."""
-    if trainable == "head" and mode.labels is not None:
+    if head_only(mode, trainable):
         student.requires_grad_(False)
         student.head_module().requires_grad_(True)
     if "classifier" in mode.frozen:
@@ -151,6 +155,7 @@ def trained_parameters(student, mode: Mode, trainable: str) -> list:
     return [p for p in student.parameters() if p.requires_grad]
 
 
+@torch.no_grad()
 def _adapt_norm(run: _Run) -> None:
     """AdaBN: the source model's BatchNorm statistics describe the source domain; re-estimate them
     once on the target's clean clips (a cumulative average over one pass) before training, then
@@ -206,7 +211,7 @@ def _train_mode(run: _Run) -> None:
     if t.batchnorm == "frozen":
         for m in batch_norm_layers(run.student):
             m.eval()
-    if t.trainable == "head" and run.inp.mode.labels is not None:
+    if head_only(run.inp.mode, t.trainable):
         run.student.eval()
         run.student.head_module().train()
 
