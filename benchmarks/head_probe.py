@@ -43,6 +43,7 @@ def pooled_features(model, paths, audio_cfg, dropout: bool = False, batch: int =
     """The pooled trunk statistics of every clip (the head's input), trunk in eval mode unless ``dropout``
     (then its dropout layers only are on: BatchNorm keeps the source's statistics, as in training)."""
     from mifuse_ray.audio import load_audio
+    from mifuse_ray.data import pad_batch
     wavs = [load_audio(p, audio_cfg) for p in paths]
     model.eval()
     if dropout:
@@ -52,11 +53,8 @@ def pooled_features(model, paths, audio_cfg, dropout: bool = False, batch: int =
     out = []
     with torch.no_grad():
         for i in range(0, len(wavs), batch):
-            chunk = wavs[i:i + batch]
-            x = torch.zeros(len(chunk), max(len(w) for w in chunk))
-            for j, w in enumerate(chunk):
-                x[j, :len(w)] = torch.from_numpy(w)
-            out.append(model.trunk(x, torch.tensor([len(w) for w in chunk]))["pooled"].numpy())
+            wav, lengths = pad_batch(wavs[i:i + batch], None)
+            out.append(model.trunk(torch.from_numpy(wav), torch.from_numpy(lengths))["pooled"].numpy())
     model.eval()
     return np.concatenate(out)
 
