@@ -61,6 +61,7 @@ def pooled_features(model, paths, audio_cfg, dropout: bool = False, batch: int =
 
 def fine_tune_head(head, x, q, seed: int, lr=3e-4, epochs=16, batch=32, weight_decay=1e-2) -> torch.nn.Module:
     """The source head trained on fixed features: KL to the soft label + diversity (uniform prior)."""
+    from mifuse_ray.train.losses import diversity_kl, soft_label_kl
     torch.manual_seed(seed)
     head = copy.deepcopy(head).train()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -69,9 +70,9 @@ def fine_tune_head(head, x, q, seed: int, lr=3e-4, epochs=16, batch=32, weight_d
         order = torch.randperm(len(x))
         for i in range(0, len(x) - batch + 1, batch):
             idx = order[i:i + batch]
-            logp = torch.log_softmax(head(x[idx]), 1)
-            mean_p = logp.exp().mean(0)
-            loss = -(q[idx] * logp).sum(1).mean() + (mean_p * torch.log(mean_p * q.shape[1] + 1e-8)).sum()
+            logits = head(x[idx])
+            loss = soft_label_kl(q[idx], logits, torch.ones(len(idx))) + \
+                diversity_kl(torch.softmax(logits, -1), torch.full((q.shape[1],), 1.0 / q.shape[1]))
             opt.zero_grad()
             loss.backward()
             opt.step()
