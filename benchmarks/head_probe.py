@@ -39,12 +39,10 @@ from transfers import DOMAINS, cell_config, main_config  # noqa: E402
 SPLITS = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
 
 
-def pooled_features(model, paths, audio_cfg, dropout: bool = False, batch: int = 50) -> np.ndarray:
-    """The pooled trunk statistics of every clip (the head's input), trunk in eval mode unless ``dropout``
-    (then its dropout layers only are on: BatchNorm keeps the source's statistics, as in training)."""
-    from mifuse_ray.audio import load_audio
+def pooled_features(model, wavs, dropout: bool = False, batch: int = 50) -> np.ndarray:
+    """The pooled trunk statistics of every decoded clip (the head's input), trunk in eval mode unless
+    ``dropout`` (then its dropout layers only are on: BatchNorm keeps the source's statistics, as in training)."""
     from mifuse_ray.data import pad_batch
-    wavs = [load_audio(p, audio_cfg) for p in paths]
     model.eval()
     if dropout:
         for m in model.modules():
@@ -111,6 +109,7 @@ def standardised(x, groups, reference=None):
 
 
 def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
+    from mifuse_ray.audio import load_audio
     from mifuse_ray.calibration import choose_fusion
     from mifuse_ray.fused_labels import fit_table, fusion_columns
     from mifuse_ray.inputs import resolve_inputs
@@ -133,7 +132,8 @@ def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
         fit = choice.fit if split == "adapt" else fit_table(t, C, choice.config, choice.fit.temperatures)
         fused = fusion_columns(t, C, choice.config, fit).set_index("clip_id")
         df = df[df["clip_id"].isin(fused.index)].reset_index(drop=True)
-        splits[split] = {"df": df, "x": pooled_features(model, df["path"], cfg.audio),
+        wavs = [load_audio(path, cfg.audio) for path in df["path"]]     # decoded once per split
+        splits[split] = {"df": df, "wavs": wavs, "x": pooled_features(model, wavs),
                          "speaker": df["speaker_id"].astype(str).to_numpy(),
                          "truth": np.array([labels.index(v) for v in df["oracle_label"]]),
                          "q": np.stack(fused.loc[df["clip_id"], "q"].to_numpy()),
@@ -141,14 +141,15 @@ def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
     a, t = splits["adapt"], splits["test"]
     row = {"transfer": f"{source}→{target}", "clips": len(a["df"]),
            "fused_label": uar(t["truth"], t["q"].argmax(1), C), "lalm_zero_shot": uar(t["truth"], t["lalm"], C)}
-    heads = [fine_tune_head(model.head_net, a["x"], a["q"], seed) for seed in (0, 1)]
-    with torch.no_grad():
-        row["source_head"] = np.mean([uar(t["truth"], h(torch.tensor(t["x"])).argmax(1).numpy(), C) for h in heads])
-    noisy = np.concatenate([pooled_features(model, a["df"]["path"], cfg.audio, dropout=True) for _ in range(3)])
-    heads = [fine_tune_head(model.head_net, noisy, np.tile(a["q"], (3, 1)), seed, epochs=6) for seed in (0, 1)]
-    with torch.no_grad():
-        row["source_head_dropout"] = np.mean([uar(t["truth"], h(torch.tensor(t["x"])).argmax(1).numpy(), C)
-                                              for h in heads])
+    test_x = torch.tensor(t["x"])
+
+    def mean_test_uar(train_x, q, epochs):     # the source head fine-tuned at two seeds, scored on the test clips
+        heads = [fine_tune_head(model.head_module(), train_x, q, seed, epochs=epochs) for seed in (0, 1)]
+        with torch.no_grad():
+            return np.mean([uar(t["truth"], h(test_x).argmax(1).numpy(), C) for h in heads])
+    row["source_head"] = mean_test_uar(a["x"], a["q"], 16)
+    noisy = np.concatenate([pooled_features(model, a["wavs"], dropout=True) for _ in range(3)])
+    row["source_head_dropout"] = mean_test_uar(noisy, np.tile(a["q"], (3, 1)), 6)
     for name, train_x, test_x in (
             ("linear", standardised(a["x"], None, a["x"]), standardised(t["x"], None, a["x"])),
             ("linear_by_speaker", standardised(a["x"], a["speaker"]), standardised(t["x"], t["speaker"]))):
