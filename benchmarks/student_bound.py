@@ -36,10 +36,12 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transfers import ABLATIONS, DOMAINS, cell_config, label_cell  # noqa: E402
+from transfers import ABLATIONS, DOMAINS, WHOLE, cell_config, label_cell  # noqa: E402
 
-# the student's start: the source weights, or the init ablation's fresh start (train.* settings)
-INITS = {"source": {}, "fresh": {key.split(".")[1]: value for key, value in ABLATIONS["init_fresh"][0]}}
+# the student's start (train.* settings): the whole network from the source weights, as the committed rows were
+# measured, or the init ablation's fresh start
+INITS = {name: {key.split(".")[1]: value for key, value in run}
+         for name, run in (("source", WHOLE), ("fresh", ABLATIONS["init_fresh"][0]))}
 COLUMNS = ["transfer", "labels", "init", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
            "lalm_test_uar", "train_label_uar", "clips", "seconds"]
 

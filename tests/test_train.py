@@ -57,7 +57,7 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
     assert (conv.weight - 0.5 * before["blocks.0.0.weight"]).abs().max() <= 0.1 * bound + 1e-7
     assert torch.equal(b.blocks[0][1].running_mean, before["blocks.0.1.running_mean"])
     cfg = MiFuseConfig()
-    cfg.train.init, cfg.train.lora_rank = "shrink_perturb", 8
+    cfg.train.init, cfg.train.lora_rank, cfg.train.trainable = "shrink_perturb", 8, "all"
     with pytest.raises(ConfigError, match="train.init"):
         validate(cfg)
 
@@ -273,7 +273,7 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
-    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, online_fusion_from_epoch=5, distill_teacher="source",
+    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, trainable="all", online_fusion_from_epoch=5, distill_teacher="source",
                    distill_kl_weight=0.5, cka_weight=0.5)
     res = train_student(cfg, table, dev, tiny_hf_dir, str(tmp_path), run_name="lora")
     last = res.history[-1]
@@ -326,7 +326,8 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
             return iter([_noise_batch(np.random.default_rng(i)) for i in range(2)])
 
     cfg = MiFuseConfig()
-    cfg.train = dataclasses.replace(cfg.train, batchnorm=batchnorm, consistency_weight=1.0, consistency_threshold=0.0)
+    cfg.train = dataclasses.replace(cfg.train, batchnorm=batchnorm, consistency_weight=1.0, consistency_threshold=0.0,
+                                    trainable="all")
     student = LogMelCNN(channels=(4, 4), embed_dim=8)
     before = student.blocks[0][1].running_mean.clone()
     run = _cpu_run(cfg, student, lr=1e-3, train_shard=Shard())

@@ -50,6 +50,11 @@ class SERModel(nn.Module):
     def head_module(self) -> nn.Module:
         raise NotImplementedError
 
+    def head_layers(self) -> list[nn.Module]:
+        """The layers after the trunk: what ``train.trainable head`` trains and what learns at
+        ``train.head_lr``; the last ``nn.Linear`` in them is the classifier SHOT-IM keeps."""
+        return [self.head_module()]
+
     def frames(self, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame-level features (B, T, D) and their validity mask (B, T), for CKA distillation."""
         raise NotImplementedError

@@ -46,6 +46,9 @@ class HFAudioClassifier(SERModel):
     def head_module(self) -> nn.Module:
         return self.head_dropout
 
+    def head_layers(self) -> list[nn.Module]:
+        return [self.head_dropout, self.model.projector, self.model.classifier]
+
     def _pool(self, features: dict, dropout: bool) -> torch.Tensor:
         hidden = features["hidden"]
         if dropout:

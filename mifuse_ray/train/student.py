@@ -112,7 +112,7 @@ def _setup(inp: LoopInputs) -> _Run:
     alpha = decay_from_half_life(t.ema_half_life_steps, 1) if t.ema_half_life_steps > 0 else t.ema_decay
     ema = EMATeacher(student, alpha) if inp.mode.ema else None
     params = trained_parameters(student, inp.mode, t.trainable)
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(learning_rate_groups(student, params, t.lr, t.head_lr), weight_decay=t.weight_decay)
     sched = lr_schedule(opt, steps_per_epoch * t.epochs, t.warmup_frac, t.lr_decay)
     balances = _initial_balances(inp)
     step, start_epoch, history = 0, 0, []
@@ -148,11 +148,22 @@ def trained_parameters(student, mode: Mode, trainable: str) -> list:
     keeps the source hypothesis (the last linear layer) and adapts the trunk, whatever ``trainable``."""
     if head_only(mode, trainable):
         student.requires_grad_(False)
-        student.head_module().requires_grad_(True)
+        for layer in student.head_layers():
+            layer.requires_grad_(True)
     if "classifier" in mode.frozen:
-        last = [m for m in student.head_module().modules() if isinstance(m, torch.nn.Linear)][-1]
+        last = [m for layer in student.head_layers() for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.requires_grad_(False)
     return [p for p in student.parameters() if p.requires_grad]
+
+
+def learning_rate_groups(student, params: list, lr: float, head_lr: float) -> list[dict]:
+    """The optimiser's parameter groups: the head's parameters at ``head_lr``, the trunk's at ``lr``.
+    A head on fixed features needs larger steps than a trunk that should stay near the source's
+    weights, and SHOT-IM's trunk keeps the rate it was measured at."""
+    in_head = {id(p) for layer in student.head_layers() for p in layer.parameters()}
+    groups = [{"params": [p for p in params if id(p) in in_head], "lr": head_lr},
+              {"params": [p for p in params if id(p) not in in_head], "lr": lr}]
+    return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()
@@ -213,7 +224,8 @@ def _train_mode(run: _Run) -> None:
             m.eval()
     if head_only(run.inp.mode, t.trainable):
         run.student.eval()
-        run.student.head_module().train()
+        for layer in run.student.head_layers():
+            layer.train()
 
 
 def _step(run: _Run, batch: dict, rng, gen, online_fusion: bool) -> dict:
