@@ -1,4 +1,4 @@
-"""Ray Tune over N, K, α, τ, λ_div and lr, with ASHA; every trial is a Ray Train run.
+"""Ray Tune over N, K, α, τ, λ_div and the head's learning rate, with ASHA; every trial is a Ray Train run.
 
 The LALM is asked once, for the largest N in the search space; every trial re-fuses the
 stored draws with its own first N answers and K passes, so a search never pays twice.
@@ -17,7 +17,7 @@ DEFAULT_SPACE = {
     "train.ema_decay": ("choice", [0.99, 0.995, 0.999]),
     "fusion.tau": ("loguniform", [0.1, 2.0]),
     "train.lambda_div": ("uniform", [0.0, 2.0]),
-    "train.lr": ("loguniform", [1e-4, 1e-3]),
+    "train.head_lr": ("loguniform", [3e-4, 3e-3]),     # what a head-only student (the default) learns at
 }
 
 

@@ -60,6 +60,16 @@ def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
     cfg.train.init, cfg.train.lora_rank, cfg.train.trainable = "shrink_perturb", 8, "all"
     with pytest.raises(ConfigError, match="train.init"):
         validate(cfg)
+    # a head-only student (the default) keeps the trunk as the source's: a perturbed or re-normalised
+    # trunk, or a LoRA adapter in it, is refused before anything runs; SHOT-IM adapts its trunk anyway
+    for field, value in (("init", "shrink_perturb"), ("batchnorm", "update"), ("lora_rank", 4)):
+        cfg = MiFuseConfig()
+        setattr(cfg.train, field, value)
+        with pytest.raises(ConfigError, match="set train.trainable all"):
+            validate(cfg)
+        cfg.train.mode = "shot_im"
+        if field != "lora_rank":
+            validate(cfg)
 
 
 def test_lr_schedule_warms_up_then_anneals_or_stays():
@@ -375,6 +385,27 @@ def test_a_head_only_student_keeps_the_source_trunk(mode, trainable):
     # a frozen trunk is a fixed feature map: no dropout in it while the head learns
     assert student.blocks[0][4].training == (trainable == "all" or mode == "shot_im")
     assert student.head_net.training
+
+
+@pytest.mark.parametrize("mode,trainable", [("mifuse", "head"), ("mifuse", "all"), ("shot_im", "head")])
+def test_the_head_learns_at_train_head_lr_and_the_trunk_at_train_lr(mode, trainable, tiny_hf_dir):
+    """The optimiser's groups: the head's parameters at head_lr, the trunk's at lr, frozen ones in
+    neither. A transformers model's head is its projector and classifier (not only its dropout)."""
+    from mifuse_ray.models.base import load_model
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.modes import MODES
+    from mifuse_ray.train.student import learning_rate_groups, trained_parameters
+
+    for student, head_prefixes in ((LogMelCNN(channels=(4, 4), embed_dim=8), ("head_net.",)),
+                                   (load_model(tiny_hf_dir), ("model.projector.", "model.classifier."))):
+        names = {id(p): n for n, p in student.named_parameters()}
+        groups = learning_rate_groups(student, trained_parameters(student, MODES[mode], trainable), 3e-4, 1e-3)
+        by_rate = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+        head = {n for n in names.values() if n.startswith(head_prefixes)}
+        classifier = {n for n in head if n.startswith(("head_net.4.", "model.classifier."))}
+        assert by_rate[1e-3] == (head - classifier if mode == "shot_im" else head)
+        trunk = set(names.values()) - head
+        assert by_rate.get(3e-4, set()) == (set() if (trainable, mode) == ("head", "mifuse") else trunk)
 
 
 @pytest.mark.parametrize("setting", ["weak", "strong", "no_consistency"])
