@@ -192,17 +192,20 @@ def test_two_worker_ddp_ends_with_identical_weights(small_labels, source_model, 
 def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tmp_path):
     """A rerun after an interruption continues from the saved step with the saved optimiser state."""
     from mifuse_ray.models.base import load_model
-    from mifuse_ray.train.student import _load_checkpoint, train_student
     from mifuse_ray.train.common import lr_schedule
+    from mifuse_ray.train.modes import MODES
+    from mifuse_ray.train.student import _load_checkpoint, learning_rate_groups, train_student, trained_parameters
     table, dev = small_labels
     first = train_student(tiny_cfg(epochs=1), table, dev, source_model, str(tmp_path), run_name="r")
     runs = os.path.join(tmp_path, "_ray_train", "r")
     ckpts = sorted(d for d in os.listdir(runs) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(runs, d)))
     state = torch.load(os.path.join(runs, ckpts[-1], "train_state.pt"), weights_only=True)
     assert state["epoch"] == 0 and state["step"] == first.history[-1]["step"] > 0
+    cfg = tiny_cfg(epochs=1)
     student = load_model(source_model)
     ema = EMATeacher(student, 0.9)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    params = trained_parameters(student, MODES[cfg.train.mode], cfg.train.trainable)    # the loop's optimiser
+    opt = torch.optim.AdamW(learning_rate_groups(student, params, cfg.train.lr, cfg.train.head_lr))
     sched = lr_schedule(opt, 100, 0.1)
     balances = {"ema": OnlineBalance([0.25] * 4), "fused": OnlineBalance([0.25] * 4),
                 "consistency": OnlineBalance([0.25] * 4)}
