@@ -196,12 +196,12 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     from mifuse_ray.train.modes import MODES
     from mifuse_ray.train.student import _load_checkpoint, learning_rate_groups, train_student, trained_parameters
     table, dev = small_labels
-    first = train_student(tiny_cfg(epochs=1), table, dev, source_model, str(tmp_path), run_name="r")
+    cfg = tiny_cfg(epochs=1)
+    first = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="r")
     runs = os.path.join(tmp_path, "_ray_train", "r")
     ckpts = sorted(d for d in os.listdir(runs) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(runs, d)))
     state = torch.load(os.path.join(runs, ckpts[-1], "train_state.pt"), weights_only=True)
     assert state["epoch"] == 0 and state["step"] == first.history[-1]["step"] > 0
-    cfg = tiny_cfg(epochs=1)
     student = load_model(source_model)
     ema = EMATeacher(student, 0.9)
     params = trained_parameters(student, MODES[cfg.train.mode], cfg.train.trainable)    # the loop's optimiser
@@ -286,8 +286,8 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
-    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, trainable="all", online_fusion_from_epoch=5, distill_teacher="source",
-                   distill_kl_weight=0.5, cka_weight=0.5)
+    cfg = tiny_cfg(epochs=1, lora_rank=4, lora_alpha=8.0, trainable="all", online_fusion_from_epoch=5,
+                   distill_teacher="source", distill_kl_weight=0.5, cka_weight=0.5)
     res = train_student(cfg, table, dev, tiny_hf_dir, str(tmp_path), run_name="lora")
     last = res.history[-1]
     assert np.isfinite(last["train_distill_kl"]) and last["train_distill_kl"] >= 0
