@@ -378,7 +378,8 @@ def _literal_choices(cls, name: str) -> tuple:
 def validate(cfg: MiFuseConfig) -> None:
     """Choice fields against their ``Literal`` choices, then the numeric ranges."""
     from .fusion import VARIANTS
-    trunk_frozen = cfg.train.trainable == "head" and cfg.train.mode != "shot_im"   # SHOT-IM adapts its trunk
+    from .train.modes import MODES, head_only
+    trunk_frozen = cfg.train.mode in MODES and head_only(MODES[cfg.train.mode], cfg.train.trainable)
     checks = [(not errors, errors[0] if errors else "") for errors in [_literal_errors(cfg)]] + [
         (cfg.lalm.answers_per_clip >= 1, "lalm.answers_per_clip must be ≥ 1"),
         (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),

@@ -48,3 +48,8 @@ def mode_table() -> list[dict]:
     return [{"mode": name, "labels": m.labels or "none", "loss": m.loss, "EMA": m.ema,
              "consistency": m.consistency, "re-fusion": m.online_fusion, "mixup": m.mixup,
              "frozen": ", ".join(m.frozen) or "-", "what": m.about} for name, m in MODES.items()]
+
+
+def head_only(mode: Mode, trainable: str) -> bool:
+    """``train.trainable head`` acts on the modes that learn labels; SHOT-IM adapts its trunk by definition."""
+    return trainable == "head" and mode.labels is not None

@@ -30,7 +30,7 @@ from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, 
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
 from .losses import diversity_kl, information_maximization, soft_label_gce, soft_label_kl
-from .modes import MODES, Mode
+from .modes import MODES, Mode, head_only
 
 HISTORY_FILE = "history.json"
 
@@ -134,11 +134,6 @@ def _setup(inp: LoopInputs) -> _Run:
     return _Run(inp, student, ray.train.torch.prepare_model(student), ema, opt, sched, params, device, rank, world,
                 step, start_epoch, history, balances, distill_teacher, writer,
                 ray.train.get_dataset_shard("train"), _optional_shard("dev"))
-
-
-def head_only(mode: Mode, trainable: str) -> bool:
-    """``train.trainable head`` acts on the modes that learn labels; SHOT-IM adapts its trunk by definition."""
-    return trainable == "head" and mode.labels is not None
 
 
 def trained_parameters(student, mode: Mode, trainable: str) -> list:
