@@ -1,8 +1,11 @@
 """`transformers` audio classifiers (wav2vec2 / HuBERT / WavLM) behind the SERModel interface.
 
-Loaded with ``AutoModelForAudioClassification.from_pretrained`` from a local directory. The
-model always stays in eval mode — ``model.train()`` would switch on SpecAugment masking and
-LayerDrop — and MC-dropout flips only the ``nn.Dropout`` modules (see ``mc.py``).
+Loaded with ``AutoModelForAudioClassification.from_pretrained`` from a local directory. As a
+teacher the model stays in eval mode — ``model.train()`` would switch on SpecAugment masking and
+LayerDrop — and MC-dropout flips only the ``nn.Dropout`` modules (see ``mc.py``). As a student,
+a head-only one (the default) keeps its trunk in eval mode too; one that trains its whole network
+(``train.trainable all``) is put in train mode, SpecAugment and LayerDrop included, as transformers
+fine-tuning is (``train/student.py``, ``_train_mode``).
 """
 from __future__ import annotations
 
