@@ -36,6 +36,14 @@ def by_speaker(probs, speakers, cfg: MiFuseConfig) -> np.ndarray:
     return np.where(ok, np.nan_to_num(balanced).argmax(1), -1)
 
 
+def balanced_over_clips(probs, cfg: MiFuseConfig) -> np.ndarray:
+    """Predictions with the distributions balanced towards the prior over all the clips given, as one
+    group (``by_speaker`` with a single speaker). This is the footing of the test split's fused label,
+    whose global balancing is fitted on the clips it labels (docs/method.md §3): a per-clip model scored
+    this way is compared with that label on equal terms. Transductive over the clips, like ``by_speaker``."""
+    return by_speaker(probs, ["all clips"] * len(probs), cfg)
+
+
 def _speakers_to_balance(test: pd.DataFrame, cfg: MiFuseConfig) -> bool:
     if "speaker_id" not in test:
         return False

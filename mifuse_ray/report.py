@@ -220,8 +220,9 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
              f"{cfg.source.passes_per_clip} ({cfg.source.mc_scope} scope)", "",
              "## Test-split accuracy", "",
              "`source_only` is the source model, `lalm_zero_shot` the argmax of the LALM's mean answer, "
-             "`fused_label` the soft label itself (no training); `<run>_student` / `<run>_ema` the trained models "
-             "(README 'Training modes' says what each run changes).", "", markdown_table(table),
+             "`fused_label` the soft label itself (no training; its class balancing is fitted on these test clips, so "
+             "it is scored as a set where the others are scored clip by clip); `<run>_student` / `<run>_ema` the "
+             "trained models (README 'Training modes' says what each run changes).", "", markdown_table(table),
              "![confusion matrices](confusion_matrices.png)", "",
              *speaker_lines(results),
              "## Training", "",

@@ -150,3 +150,31 @@ def test_head_probe_standardises_per_speaker_and_fits_a_balanced_linear_head():
     assert np.allclose(standardised(x, None, x).mean(0), 0.0, atol=1e-9)
     pred = fit_linear(by_speaker, y, 2)(by_speaker).argmax(1)
     assert (pred[y == 1] == 1).mean() >= 0.9 and (pred[y == 0] == 0).mean() >= 0.9
+
+
+def test_balanced_scoring_balances_the_whole_set_and_tables_per_seed_then_over_seeds():
+    """evaluation.balanced_over_clips: a model that calls nearly every clip class 0 while ranking the
+    classes right is balanced over the set towards the prior (the fused label's footing), and an
+    unanswered clip stays unanswered; balanced_scoring's tables average transfers within a seed first."""
+    import numpy as np
+    from balanced_scoring import by_transfer, summary
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.evaluation import balanced_over_clips
+    cfg = MiFuseConfig()
+    truth = np.repeat(np.arange(4), 10)
+    probs = np.full((40, 4), 0.1)
+    probs[np.arange(40), truth] += 0.2
+    probs[:, 0] += 0.4                                  # a skew towards class 0 on every clip
+    probs /= probs.sum(1, keepdims=True)
+    assert (probs.argmax(1) == 0).all()
+    probs[5] = np.nan                                   # a clip with no distribution
+    pred = balanced_over_clips(probs, cfg)
+    assert pred[5] == -1
+    assert (np.delete(pred, 5) == np.delete(truth, 5)).all()
+    rows = [{"transfer": t, "seed": s, "system": "m", "scoring": k, "uar": u + (0.1 if k == "balanced" else 0)}
+            for s, (ua, ub) in enumerate(((0.50, 0.70), (0.40, 0.60))) for t, u in (("a→b", ua), ("b→a", ub))
+            for k in ("per_clip", "balanced", "by_speaker")]
+    table = summary(pd.DataFrame(rows))
+    assert table.loc[0, "per_clip"] == "0.550 ± 0.050" and table.loc[0, "balanced"] == "0.650 ± 0.050"
+    assert table.loc[0, "balanced − per_clip"] == pytest.approx(0.1)
+    assert by_transfer(pd.DataFrame(rows)).loc[0, "a→b"] == "0.450 → 0.550"
