@@ -38,7 +38,7 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
     from mifuse_ray.evaluation import balanced_over_clips
     from mifuse_ray.inputs import resolve_inputs
     from mifuse_ray.metrics import counting_unanswered_as_wrong, uar
-    from mifuse_ray.predict import _Predictor
+    from mifuse_ray.predict import PredictorStage
     results = json.load(open(os.path.join(cell, "results.json")))["results"]
     cfg = cell_config(source, target, seed, cell, bench_root, 1.0)
     inputs = resolve_inputs(cfg)
@@ -53,7 +53,7 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
                 models[f"{mode}_{kind}"] = os.path.join(cell, "models", mode, kind)
     probs = {}
     for name, model_dir in models.items():
-        out = _Predictor(checkpoint=model_dir, passes_per_clip=0, amp=False)(clips)
+        out = PredictorStage(checkpoint=model_dir, passes_per_clip=0, amp=False)(clips)
         probs[name] = np.stack(out["probs"].to_numpy())
     labels = pd.read_parquet(os.path.join(cell, "labels_test", "labels.parquet")).set_index("clip_id")
     labels = labels.loc[test["clip_id"]]
@@ -61,6 +61,7 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
     for name, column in (("lalm_zero_shot", "lalm_pbar"), ("fused_label", "q")):
         probs[name] = np.stack([np.asarray(v, dtype=np.float64) if ok else np.full(C, np.nan)
                                 for v, ok in zip(labels[column], answered)])
+
     def score(pred):        # a clip the LALM could not answer counts as wrong, as in transfers.md
         return uar(truth, counting_unanswered_as_wrong(truth, pred, C), C)
     rows = []
@@ -125,7 +126,8 @@ def main():
     text = "\n".join([f"# Every system scored as the test split's fused label is (test UAR; `python "
                       f"benchmarks/balanced_scoring.py {' '.join(sys.argv[1:])}`)", "",
                       f"On {machine()}, commit {commit()}. Cells: {df.groupby(['transfer', 'seed']).ngroups}; per "
-                      "system, the mean over transfers of each seed, then mean ± std over seeds.", "", markdown_table(summary(df)), "",
+                      "system, the mean over transfers of each seed, then mean ± std over seeds.", "",
+                      markdown_table(summary(df)), "",
                       "## By transfer: per clip → balanced over the test split (mean over seeds)", "",
                       markdown_table(by_transfer(df)), ""])
     open(os.path.join(args.out, "balanced_scoring.md"), "w").write(text)

@@ -9,7 +9,10 @@ from .models.base import read_meta
 from .source_teacher import SourceTeacherStage
 
 
-class _Predictor(SourceTeacherStage):
+class PredictorStage(SourceTeacherStage):
+    """Each clip's label, distribution and confidence from one checkpoint: a Ray Data stage, and a plain
+    callable on a pandas batch of decoded clips (``clip_id``, ``audio``, ``error``) where no Ray is wanted."""
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = super().__call__(batch)
         labels = self.model.labels
@@ -23,7 +26,7 @@ class _Predictor(SourceTeacherStage):
 def predict_decoded(ds, model_dir: str, cfg: MiFuseConfig) -> pd.DataFrame:
     """Predictions (label, distribution, confidence) for a Ray Dataset of decoded clips."""
     import ray.data
-    out = ds.map_batches(_Predictor, batch_format="pandas", batch_size=cfg.source.batch_size,
+    out = ds.map_batches(PredictorStage, batch_format="pandas", batch_size=cfg.source.batch_size,
                          fn_constructor_kwargs=dict(checkpoint=model_dir, passes_per_clip=0, amp=cfg.source.amp),
                          compute=ray.data.ActorPoolStrategy(size=cfg.source.num_actors),
                          num_cpus=cfg.source.actor_cpus, num_gpus=cfg.source.num_gpus or None)
