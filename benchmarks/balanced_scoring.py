@@ -78,9 +78,9 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per system and scoring: the mean over transfers of each seed, then mean ± std over seeds."""
+    """Per system and scoring: the mean over transfers of each seed, then mean ± std (sample) over seeds."""
     per_seed = df.groupby(["system", "scoring", "seed"])["uar"].mean().unstack("scoring")
-    mean, std = per_seed.groupby("system").mean(), per_seed.groupby("system").std(ddof=0)
+    mean, std = per_seed.groupby("system").mean(), per_seed.groupby("system").std().fillna(0.0)
     out = pd.DataFrame({k: [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[k], std[k])] for k in SCORINGS},
                        index=mean.index)
     out["balanced − per_clip"] = (mean["balanced"] - mean["per_clip"]).round(3)
