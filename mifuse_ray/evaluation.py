@@ -40,7 +40,8 @@ def balanced_over_clips(probs, cfg: MiFuseConfig) -> np.ndarray:
     """Predictions with the distributions balanced towards the prior over all the clips given, as one
     group (``by_speaker`` with a single speaker). This is the footing of the test split's fused label,
     whose global balancing is fitted on the clips it labels (docs/method.md §3): a per-clip model scored
-    this way is compared with that label on equal terms. Transductive over the clips, like ``by_speaker``."""
+    this way is compared with that label on equal terms. Transductive over the clips, like ``by_speaker``;
+    fewer clips than ``fusion.speaker_min_clips`` stay predicted clip by clip."""
     return by_speaker(probs, ["all clips"] * len(probs), cfg)
 
 
