@@ -66,11 +66,11 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
         return uar(truth, counting_unanswered_as_wrong(truth, pred, C), C)
     rows = []
     for name, p in probs.items():
-        per_clip = np.where(np.isfinite(p).all(1), np.nan_to_num(p).argmax(1), -1)
+        per_clip = score(np.where(np.isfinite(p).all(1), np.nan_to_num(p).argmax(1), -1))
         stored = results["test"].get(name, {}).get("uar")
-        if stored is not None and abs(score(per_clip) - stored) > 0.02:
-            print(f"note: {cell} {name}: per-clip UAR {score(per_clip):.3f} here, {stored:.3f} stored")
-        scores = {"per_clip": score(per_clip), "balanced": score(balanced_over_clips(p, cfg)),
+        if stored is not None and abs(per_clip - stored) > 0.02:
+            print(f"note: {cell} {name}: per-clip UAR {per_clip:.3f} here, {stored:.3f} stored")
+        scores = {"per_clip": per_clip, "balanced": score(balanced_over_clips(p, cfg)),
                   "by_speaker": results.get("test_by_speaker", {}).get(name, {}).get("uar", np.nan)}
         rows += [{"transfer": f"{source}→{target}", "seed": seed, "system": name, "scoring": k, "uar": v}
                  for k, v in scores.items()]

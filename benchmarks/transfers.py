@@ -41,7 +41,7 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              "whole": [WHOLE, WHOLE[:1] + (("train.lr", 1e-3),)],
              # the whole network with the trunk at a small rate and the head at the default 1e-3 (discriminative
              # fine-tuning): some of what the trunk gains on a→c and c→a, without unlearning the source's features
-             "trunk_lr": [(("train.trainable", "all"), ("train.lr", v)) for v in (3e-5, 1e-4)],
+             "trunk_lr": [WHOLE[:1] + (("train.lr", v),) for v in (3e-5, 1e-4)],
              "init": [WHOLE + (("train.init", "shrink_perturb"), ("train.batchnorm", "update"))],
              "init_fresh": [FRESH_START],
              # the head at the trunk's rate: 16 epochs at 3e-4 barely move it from the source's weights
