@@ -58,7 +58,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
     under ``test_by_speaker``."""
     from .data import training_clips
     from .fused_labels import source_teacher_name
-    from .predict import predict_decoded
+    from .predict import predict_models
     C = len(cfg.labels)
     out = {"test": {}, "test_by_speaker": {}, "selection": {}, "predictions": {}, "truth": {}}
     if inputs.test_df is None or inputs.test_df.empty:
@@ -73,7 +73,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
             pred = counting_unanswered_as_wrong(y, by_speaker(probs, [speaker_of.get(c) for c in clip_ids], cfg), C)
             out["test_by_speaker"][name] = score(y, pred, C)
 
-    decoded = training_clips(test, cfg.audio)     # read once per model: small splits stay decoded
+    decoded = training_clips(test, cfg.audio)     # every model in one pass over the audio
     models = {"source_only": inputs.source_checkpoint}
     for i, checkpoint in enumerate(cfg.source.extra_checkpoints):      # extra source-model teachers
         models[f"{source_teacher_name(i + 1)}_only"] = checkpoint
@@ -85,8 +85,7 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
                                   "dev_uar": res.best_metrics.get("dev_uar"),
                                   "ema_dev_uar": res.best_metrics.get("ema_dev_uar"),
                                   "fused_label_dev_uar": res.fused_dev_uar, "train_seconds": res.seconds}
-    for name, model_dir in models.items():
-        pred = predict_decoded(decoded, model_dir, cfg)
+    for name, pred in predict_models(decoded, models, cfg).items():
         pred = pred[pred["error"].isna()]
         y = np.array([truth[c] for c in pred["clip_id"]])
         p = np.array([cfg.labels.index(label) for label in pred["pred"]])

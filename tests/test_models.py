@@ -74,6 +74,29 @@ def test_source_stage_results_do_not_depend_on_batching(tmp_path):
         np.testing.assert_array_equal(alone["votes"][0], together["votes"][i])
 
 
+def test_models_stage_gives_each_model_what_it_gives_alone(tmp_path):
+    """The evaluation's one pass over the audio (``ModelsStage``) predicts for each model exactly what
+    that model's own ``PredictorStage`` does, the clip that failed to decode included."""
+    import pandas as pd
+    from mifuse_ray.predict import ModelsStage, PredictorStage
+    paths = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        LogMelCNN().save(str(tmp_path / name))
+        paths[name] = str(tmp_path / name)
+    rng = np.random.default_rng(0)
+    clips = pd.DataFrame({"clip_id": ["w", "x", "y"], "error": [None, "decode_failed", None],
+                          "audio": [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 0, 2)]})
+    together = ModelsStage(paths)(clips)
+    assert sorted(together.columns) == sorted(["model", "clip_id", "error", "probs", "pred", "confidence"])
+    for name, path in paths.items():
+        alone = PredictorStage(checkpoint=path, passes_per_clip=0, amp=False)(clips)
+        mine = together[together["model"] == name].drop(columns="model").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone)
+    a, b = (np.stack(together.loc[(together.model == m) & together.error.isna(), "probs"].to_list()) for m in "ab")
+    assert np.abs(a - b).max() > 1e-3                                  # two different models, not one twice
+
+
 def test_cnn_checkpoint_is_self_describing(tmp_path):
     model = LogMelCNN(labels=["calm", "joy", "rage"])
     model.save(str(tmp_path / "c"))
