@@ -189,19 +189,31 @@ def test_two_worker_ddp_ends_with_identical_weights(small_labels, source_model, 
     assert os.listdir(os.path.join(tmp_path, "tensorboard", "ddp"))
 
 
-def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_run(small_labels, source_model, tmp_path_factory):
+    """Three epochs that nothing interrupts: what a resumed run must reproduce, and whose checkpoints
+    the resume test reads. One run serves both tests (a Ray Train run costs ~20 s here)."""
+    from mifuse_ray.train.student import train_student
+    table, dev = small_labels
+    cfg = tiny_cfg(epochs=3, max_failures=2)
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    return train_student(cfg, table, dev, source_model, out, run_name="clean"), out, cfg
+
+
+def test_resume_restores_step_and_optimizer_state(uninterrupted_run, source_model):
     """A rerun after an interruption continues from the saved step with the saved optimiser state."""
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.common import lr_schedule
     from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import _load_checkpoint, learning_rate_groups, train_student, trained_parameters
-    table, dev = small_labels
-    cfg = tiny_cfg(epochs=1)
-    first = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="r")
-    runs = os.path.join(tmp_path, "_ray_train", "r")
-    ckpts = sorted(d for d in os.listdir(runs) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(runs, d)))
-    state = torch.load(os.path.join(runs, ckpts[-1], "train_state.pt"), weights_only=True)
-    assert state["epoch"] == 0 and state["step"] == first.history[-1]["step"] > 0
+    from mifuse_ray.train.student import _load_checkpoint, learning_rate_groups, trained_parameters
+    run, out, cfg = uninterrupted_run
+    runs = os.path.join(out, "_ray_train", "clean")
+    ckpts = [os.path.join(runs, d) for d in os.listdir(runs) if d.startswith("checkpoint_")
+             and os.path.isdir(os.path.join(runs, d))]
+    states = {c: torch.load(os.path.join(c, "train_state.pt"), weights_only=True) for c in ckpts}
+    latest = max(ckpts, key=lambda c: states[c]["epoch"])
+    state = states[latest]
+    assert state["epoch"] == 2 and state["step"] == run.history[-1]["step"] > 0   # the last epoch's is kept
     student = load_model(source_model)
     ema = EMATeacher(student, 0.9)
     params = trained_parameters(student, MODES[cfg.train.mode], cfg.train.trainable)    # the loop's optimiser
@@ -209,9 +221,9 @@ def test_resume_restores_step_and_optimizer_state(small_labels, source_model, tm
     sched = lr_schedule(opt, 100, 0.1)
     balances = {"ema": OnlineBalance([0.25] * 4), "fused": OnlineBalance([0.25] * 4),
                 "consistency": OnlineBalance([0.25] * 4)}
-    step, epoch, history = _load_checkpoint(os.path.join(runs, ckpts[-1]), student, ema, opt, sched, balances)
-    assert (step, epoch) == (state["step"], 0)
-    assert history == first.history                                  # the metrics so far travel with it
+    step, epoch, history = _load_checkpoint(latest, student, ema, opt, sched, balances)
+    assert (step, epoch) == (state["step"], 2)
+    assert history == run.history                                    # the metrics so far travel with it
     assert opt.state_dict()["state"][0]["step"].item() == step       # Adam moments restored, not zero
     assert sched.last_epoch == step
     assert np.allclose(balances["consistency"].mean, state["balances"]["consistency"])   # running means too
@@ -252,10 +264,10 @@ def _wait_until_reports_are_collected(timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_path):
+def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, uninterrupted_run, tmp_path):
     from mifuse_ray.train.student import train_student
     table, dev = small_labels
-    cfg = tiny_cfg(epochs=3, max_failures=2)
+    clean, _, cfg = uninterrupted_run                                # the same settings, never interrupted
     marker = os.path.join(tmp_path, "fail.injected_failure")
     res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", step_hook=fail_once(marker, 0))
     assert os.path.exists(marker)                                     # a worker really died mid-epoch
@@ -269,7 +281,6 @@ def test_worker_failure_resumes_from_checkpoint(small_labels, source_model, tmp_
     assert res.history[-1]["ema_alpha"] < res.history[-1]["ema_alpha_configured"] == cfg.train.ema_decay
     again = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="fail", step_hook=fail_once(marker, 0))
     assert again.best_metrics == res.best_metrics                   # a rerun reuses the finished run
-    clean = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="clean")
     keys = ("step", "train_loss", "dev_uar", "ema_dev_uar")
     resumed, uninterrupted = ([{k: h[k] for k in keys} for h in run.history] for run in (res, clean))
     print("after failure:", resumed, "uninterrupted:", uninterrupted)
