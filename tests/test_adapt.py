@@ -206,22 +206,38 @@ def test_dry_run_estimates_without_sending(ray_cluster, source_model, demo_root,
     assert est["requests"] == est["clips"] > 0 and est["estimated_usd"] == pytest.approx(0.002 * est["requests"])
 
 
-def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, tmp_path, source_model, demo_root):
+def with_settings(args: list[str], settings: dict[str, str]) -> list[str]:
+    """``args`` with the values of some of its ``--name value`` pairs replaced."""
+    args = list(args)
+    for name, value in settings.items():
+        args[args.index(name) + 1] = value
+    return args
+
+
+def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, adapt_run, tmp_path):
     """The README's 'Run as a Ray job' recipe is scripts/submit_demo_job.sh, run here as written (on
-    the session's cluster, token auth on, with small settings appended) down to report.md."""
+    the session's cluster, token auth on, with small settings appended) down to report.md.
+
+    It runs into a copy of the adapt run's output with that run's settings but one epoch: the job
+    reuses the stored draws and trains, evaluates and reports again. (Labelling under `ray job submit`
+    is test_reliability's API-key test; its ~25 s are not paid twice.)"""
+    import shutil
     assert os.environ["RAY_AUTH_MODE"] == "token"
     readme = open(os.path.join(REPO, "README.md")).read()
     assert "bash scripts/submit_demo_job.sh" in readme
+    first_out, args, _ = adapt_run
     out = str(tmp_path / "job")
-    target = subset_manifest(demo_root, "podcast", str(tmp_path / "clips.parquet"), per_split=32)
+    shutil.copytree(first_out, out)
     proc = subprocess.run(
-        ["bash", "scripts/submit_demo_job.sh", "--target", target,
-         "--source.checkpoint", source_model, "--output", out, "--lalm.answers_per_clip", "2", "--source.passes_per_clip", "2",
-         "--train.epochs", "1", "--train.cpus_per_worker", "0.5", "--audio.train_crop_s", "1.0"],
+        ["bash", "scripts/submit_demo_job.sh", *with_settings(args, {"--output": out, "--train.epochs": "1"})],
         cwd=REPO, capture_output=True, text=True, timeout=900,
         env={**os.environ, "RAY_DASHBOARD": ray_cluster["dashboard"], "PATH": os.environ.get("PATH", "")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout
+    results = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert results["labeling"].get("reused") is True                       # the draws came from the copy
+    history = json.load(open(os.path.join(out, "models", "mifuse", "result.json")))["result"]["history"]
+    assert [h["epoch"] for h in history] == [0]                            # and the student trained in the job
     assert os.path.exists(os.path.join(out, "report.md"))
 
 
