@@ -9,6 +9,9 @@ from .models.base import read_meta
 from .source_teacher import SourceTeacherStage
 
 
+PREDICTION_COLUMNS = ("clip_id", "error", "probs", "pred", "confidence")   # what a prediction row has
+
+
 class PredictorStage(SourceTeacherStage):
     """Each clip's label, distribution and confidence from one checkpoint: a Ray Data stage, and a plain
     callable on a pandas batch of decoded clips (``clip_id``, ``audio``, ``error``) where no Ray is wanted."""
@@ -39,8 +42,8 @@ class ModelsStage:
 
 def predict_models(ds, model_dirs: dict[str, str], cfg: MiFuseConfig, models_per_pass: int = 8) -> dict[str, pd.DataFrame]:
     """Each model's predictions (label, distribution, confidence; sorted by clip) for a Ray Dataset of
-    decoded clips. Up to ``models_per_pass`` models share a pass (``ModelsStage``): each actor holds
-    them all, which bounds its memory for large checkpoints."""
+    decoded clips. Up to ``models_per_pass`` models share a pass (``ModelsStage``); an actor holds every
+    model of its pass, so the group size bounds its memory when checkpoints are large."""
     import ray.data
     names = list(model_dirs)
     out: dict[str, pd.DataFrame] = {}
@@ -51,7 +54,7 @@ def predict_models(ds, model_dirs: dict[str, str], cfg: MiFuseConfig, models_per
                               compute=ray.data.ActorPoolStrategy(size=cfg.source.num_actors),
                               num_cpus=cfg.source.actor_cpus, num_gpus=cfg.source.num_gpus or None)
         frames = list(rows.iter_batches(batch_format="pandas", batch_size=None))
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "clip_id"])
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", *PREDICTION_COLUMNS])
         for name in group:
             one = table[table["model"] == name].drop(columns="model")
             out[name] = one.sort_values("clip_id").reset_index(drop=True)

@@ -78,7 +78,7 @@ def test_models_stage_gives_each_model_what_it_gives_alone(tmp_path):
     """The evaluation's one pass over the audio (``ModelsStage``) predicts for each model exactly what
     that model's own ``PredictorStage`` does, the clip that failed to decode included."""
     import pandas as pd
-    from mifuse_ray.predict import ModelsStage, PredictorStage
+    from mifuse_ray.predict import PREDICTION_COLUMNS, ModelsStage, PredictorStage
     paths = {}
     for name, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)
@@ -88,7 +88,7 @@ def test_models_stage_gives_each_model_what_it_gives_alone(tmp_path):
     clips = pd.DataFrame({"clip_id": ["w", "x", "y"], "error": [None, "decode_failed", None],
                           "audio": [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 0, 2)]})
     together = ModelsStage(paths)(clips)
-    assert sorted(together.columns) == sorted(["model", "clip_id", "error", "probs", "pred", "confidence"])
+    assert sorted(together.columns) == sorted(["model", *PREDICTION_COLUMNS])
     for name, path in paths.items():
         alone = PredictorStage(checkpoint=path, passes_per_clip=0, amp=False)(clips)
         mine = together[together["model"] == name].drop(columns="model").reset_index(drop=True)
