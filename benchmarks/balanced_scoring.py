@@ -38,7 +38,7 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
     from mifuse_ray.evaluation import balanced_over_clips
     from mifuse_ray.inputs import resolve_inputs
     from mifuse_ray.metrics import counting_unanswered_as_wrong, uar
-    from mifuse_ray.predict import PredictorStage
+    from mifuse_ray.predict import ModelsStage
     results = json.load(open(os.path.join(cell, "results.json")))["results"]
     cfg = cell_config(source, target, seed, cell, bench_root, 1.0)
     inputs = resolve_inputs(cfg)
@@ -51,10 +51,8 @@ def cell_rows(cell: str, source: str, target: str, seed: int, bench_root: str) -
         for kind in ("student", "ema"):
             if os.path.isdir(os.path.join(cell, "models", mode, kind)):
                 models[f"{mode}_{kind}"] = os.path.join(cell, "models", mode, kind)
-    probs = {}
-    for name, model_dir in models.items():
-        out = PredictorStage(checkpoint=model_dir, passes_per_clip=0, amp=False)(clips)
-        probs[name] = np.stack(out["probs"].to_numpy())
+    predicted = ModelsStage(models, amp=False)(clips)        # the pipeline's own inference, every model
+    probs = {name: np.stack(predicted.loc[predicted["model"] == name, "probs"].to_numpy()) for name in models}
     labels = pd.read_parquet(os.path.join(cell, "labels_test", "labels.parquet")).set_index("clip_id")
     labels = labels.loc[test["clip_id"]]
     answered = labels["error"].isna().to_numpy()
