@@ -3,7 +3,7 @@ adaptation split's ground truth (an oracle only the demo has), beside the same s
 labels it really gets, and the fused label's and the LALM's own test UAR.
 
     python benchmarks/student_bound.py [--transfers podcast:call_centre ...] [--epochs 16 48]
-        [--labels oracle fused fused_speakers] [--inits source fresh]
+        [--labels oracle fused fused_speakers] [--inits source fresh head] [--seeds 0 1 2]
         [--out benchmarks/results/student_bound]
 
 Both students use the `lalm_labels` recipe (fixed soft labels, KL + diversity, no EMA, no
@@ -19,7 +19,9 @@ ground truth: does a student that can learn the truth also learn more from label
 
 `--inits fresh` starts the student from fresh weights instead of the source model's (the
 `init_fresh` ablation in `transfers.py`: batch statistics, lr 2e-3): it separates what the
-source weights cost the student from what the labels cost it.
+source weights cost the student from what the labels cost it. `--inits head` trains what the shipped
+default trains (a head on the source model's fixed trunk, its rates, mixup and augmentation): the
+default recipe's own ceiling.
 
 Resumable: one CSV row per (transfer, labels, init, epochs, seed), skipped when present. The labels are the
 six-transfer benchmark's seed-0 cells (`benchmarks/transfers.py`), labelled here if missing.
@@ -39,9 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transfers import ABLATIONS, DOMAINS, WHOLE, cell_config, label_cell  # noqa: E402
 
 # the student's start (train.* settings): the whole network from the source weights, as the committed rows were
-# measured, or the init ablation's fresh start
+# measured; the init ablation's fresh start; or the shipped student (`head`: the default's head on the source
+# trunk, every train.* setting at its default but the mode and the length)
 INITS = {name: {key.split(".")[1]: value for key, value in run}
-         for name, run in (("source", WHOLE), ("fresh", ABLATIONS["init_fresh"][0]))}
+         for name, run in (("source", WHOLE), ("fresh", ABLATIONS["init_fresh"][0]), ("head", ()))}
 COLUMNS = ["transfer", "labels", "init", "epochs", "seed", "student_test_uar", "student_dev_uar", "fused_label_test_uar",
            "lalm_test_uar", "train_label_uar", "clips", "seconds"]
 
@@ -161,7 +164,7 @@ def main():
     p.add_argument("--epochs", type=int, nargs="+", default=[16])
     p.add_argument("--labels", nargs="+", default=["oracle", "fused"], choices=["oracle", "fused", "fused_speakers"])
     p.add_argument("--inits", nargs="+", default=["source"], choices=sorted(INITS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--out", default="benchmarks/results/student_bound")
     p.add_argument("--bench-root", default="benchmarks/results/transfers", help="the six-transfer cells")
@@ -175,9 +178,10 @@ def main():
         rows.insert(2, "init", "source")
     pairs = [t.split(":") for t in args.transfers] if args.transfers else \
         [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
-    for source, target in pairs:
-        rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, args.seed, rows,
-                            args.labels, args.inits)
+    for seed in args.seeds:
+        for source, target in pairs:
+            rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, seed, rows,
+                                args.labels, args.inits)
     summarize(rows, args.out, "python benchmarks/student_bound.py " + " ".join(sys.argv[1:]))
 
 
