@@ -152,6 +152,20 @@ def test_head_probe_standardises_per_speaker_and_fits_a_balanced_linear_head():
     assert (pred[y == 1] == 1).mean() >= 0.9 and (pred[y == 0] == 0).mean() >= 0.9
 
 
+def test_head_probe_reinitialises_a_copy_of_the_head_by_seed():
+    """head_probe.reinitialised: the source head's shape with fresh weights, the same for one seed, and
+    the source head itself untouched (it is fine-tuned afterwards)."""
+    import torch
+    from head_probe import reinitialised
+    head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    before = [p.detach().clone() for p in head.parameters()]
+    fresh, again = reinitialised(head, 0), reinitialised(head, 0)
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in before]
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), again.parameters()))
+    assert not torch.equal(next(fresh.parameters()), before[0])
+    assert all(torch.equal(p, q) for p, q in zip(head.parameters(), before))
+
+
 def test_balanced_scoring_balances_the_whole_set_and_tables_per_seed_then_over_seeds():
     """evaluation.balanced_over_clips: a model that calls nearly every clip class 0 while ranking the
     classes right is balanced over the set towards the prior (the fused label's footing), and an
