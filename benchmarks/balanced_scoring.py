@@ -1,6 +1,6 @@
 """Every system of a six-transfer tree scored on the fused label's footing: balanced over the test split.
 
-    python benchmarks/balanced_scoring.py --bench-root <a transfers tree> [--seeds 0 1 2]
+    python -m benchmarks.balanced_scoring --bench-root <a transfers tree> [--seeds 0 1 2]
         [--out benchmarks/results/balanced_scoring]
 
 Why: the test split's fused label is labelled as if it were an adaptation split, so its global
@@ -24,10 +24,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from transfers import cell_config  # noqa: E402
+from benchmarks.common import results_dir, runs_dir
+from benchmarks.transfers import cell_config
 
 SCORINGS = ["per_clip", "balanced", "by_speaker"]
 
@@ -94,9 +92,9 @@ def by_transfer(df: pd.DataFrame) -> pd.DataFrame:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench-root", default="benchmarks/results/transfers", help="a transfers.py tree")
+    p.add_argument("--bench-root", default=runs_dir("transfers"), help="a transfers.py tree")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="benchmarks/results/balanced_scoring")
+    p.add_argument("--out", default=results_dir("balanced_scoring"))
     args = p.parse_args()
     import torch
     torch.set_num_threads(2)
@@ -119,8 +117,8 @@ def main():
         sys.exit(f"no finished main cells under {args.bench_root}: run benchmarks/transfers.py first")
     df = pd.concat(frames, ignore_index=True)
     df.to_csv(os.path.join(args.out, "balanced_scoring.csv"), index=False)
+    from benchmarks.common import commit, machine
     from mifuse_ray.report import markdown_table
-    from scale import commit, machine
     text = "\n".join([f"# Every system scored as the test split's fused label is (test UAR; `python "
                       f"benchmarks/balanced_scoring.py {' '.join(sys.argv[1:])}`)", "",
                       f"On {machine()}, commit {commit()}. Cells: {df.groupby(['transfer', 'seed']).ngroups}; per "

@@ -1,6 +1,6 @@
 """Budgeted LALM queries: fused-label UAR against the share of clips the LALM is asked about.
 
-    python benchmarks/budget.py [--runs benchmarks/results/transfers] [--budgets 0.1 0.2 0.3 0.5 1.0]
+    python -m benchmarks.budget [--runs outputs/benchmarks/transfers] [--budgets 0.1 0.2 0.3 0.5 1.0]
         [--random-seeds 0 1 2 3 4] [--out benchmarks/results/budget]
 
 Reads the full-budget labels of the six-transfer benchmark (every clip asked, every draw stored),
@@ -15,17 +15,16 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from benchmarks.common import results_dir, runs_dir
 
 
 def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, seed: int) -> tuple[float, int]:
     from mifuse_ray.labeling import fused_again, selection_uncertainty
     from mifuse_ray.metrics import uar
-    from mifuse_ray.selection import budget_count, select_clips
+    from mifuse_ray.query_budget import budget_count, select_clips
     C = len(cfg.labels)
     t = table[table.error.isna()].reset_index(drop=True).copy()
     k = budget_count(budget, len(t))
@@ -41,13 +40,13 @@ def fused_uar_at_budget(table: pd.DataFrame, cfg, budget: float, method: str, se
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="benchmarks/results/transfers")
+    p.add_argument("--runs", default=runs_dir("transfers"))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--out", default="benchmarks/results/budget")
+    p.add_argument("--out", default=results_dir("budget"))
     args = p.parse_args()
+    from benchmarks.transfers import main_config, stored_labels
     from mifuse_ray.report import markdown_table
-    from transfers import main_config, stored_labels
     cfg = main_config()
     rows = []
     for transfer, _, table in stored_labels(args.runs):

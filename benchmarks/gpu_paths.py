@@ -1,20 +1,17 @@
 """GPU paths of the student step, without Ray: bf16 autocast forward with frames, the distillation
 terms (logit KL + CKA) and backward, on the CNN and, where peft is installed, a LoRA wav2vec2.
 
-    python benchmarks/gpu_paths.py [--device cuda] [--steps 20]
+    python -m benchmarks.gpu_paths [--device cuda] [--steps 20]
 
 Prints one row per model: step time with and without the distillation terms, and whether the
 LoRA adapter round trip reproduces the predictions exactly on the device.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 
 def tiny_wav2vec2(directory):
@@ -73,6 +70,7 @@ def main():
                  step_time(cnn, cnn_teacher, wav, lengths, device, args.steps, True), "n/a"))
     try:
         import peft  # noqa: F401
+
         from mifuse_ray.models.lora import apply_lora, trainable_fraction
         with tempfile.TemporaryDirectory() as tmp:
             base_dir = tiny_wav2vec2(os.path.join(tmp, "base"))

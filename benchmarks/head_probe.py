@@ -1,6 +1,6 @@
 """A head on the source model's fixed features: what it learns from the fused labels, outside the loop.
 
-    python benchmarks/head_probe.py --bench-root <a six-transfer tree> [--transfers acted_studio:podcast ...]
+    python -m benchmarks.head_probe --bench-root <a six-transfer tree> [--transfers acted_studio:podcast ...]
         [--out benchmarks/results/head_probe]
 
 For each transfer (its seed-0 main cell's stored labels; no LALM call, no Ray), the source model's
@@ -35,12 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from transfers import DOMAINS, cell_config, main_config  # noqa: E402
-
-SPLITS = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
+from benchmarks.common import results_dir, runs_dir
+from benchmarks.transfers import TRANSFER_DOMAINS, cell_config, main_config
+from mifuse_ray.pipeline import LABEL_STAGES
 
 
 def pooled_features(model, wavs, dropout: bool = False, batch: int = 50) -> np.ndarray:
@@ -130,7 +127,7 @@ def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
     from mifuse_ray.metrics import uar
     from mifuse_ray.models.base import load_model
     cell = os.path.join(bench_root, f"{source}__{target}", "seed0", "main")
-    paths = {split: os.path.join(cell, name, "labels.parquet") for split, name in SPLITS.items()}
+    paths = {split: os.path.join(cell, name, "labels.parquet") for split, name in LABEL_STAGES.items()}
     if not all(os.path.exists(p) for p in paths.values()):
         print(f"skipping {source}→{target}: no stored labels under {cell}")
         return None
@@ -184,13 +181,13 @@ def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench-root", default="benchmarks/results/transfers", help="the six-transfer cells")
+    p.add_argument("--bench-root", default=runs_dir("transfers"), help="the six-transfer cells")
     p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
-    p.add_argument("--out", default="benchmarks/results/head_probe")
+    p.add_argument("--out", default=results_dir("head_probe"))
     args = p.parse_args()
     torch.set_num_threads(2)
     pairs = [t.split(":") for t in args.transfers] if args.transfers else \
-        [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
+        [(s, t) for s in TRANSFER_DOMAINS for t in TRANSFER_DOMAINS if s != t]
     rows = [r for r in (probe_transfer(s, t, args.bench_root) for s, t in pairs) if r is not None]
     if not rows:
         sys.exit(f"no stored labels under {args.bench_root}: run benchmarks/transfers.py first")
@@ -200,7 +197,7 @@ def main():
     df["clips"] = df["clips"].round().astype(int)
     os.makedirs(args.out, exist_ok=True)
     df.to_csv(os.path.join(args.out, "head_probe.csv"), index=False)
-    text = "\n".join([f"# A head on the source model's fixed features (test UAR; `python benchmarks/head_probe.py "
+    text = "\n".join([f"# A head on the source model's fixed features (test UAR; `python -m benchmarks.head_probe "
                       f"{' '.join(sys.argv[1:])}`)", "", markdown_table(df.round(3)), ""])
     open(os.path.join(args.out, "head_probe.md"), "w").write(text)
     print(text)

@@ -1,14 +1,14 @@
 """Fused-label quality of every fusion variant, on the adaptation and the test split of every transfer.
 
-    python benchmarks/label_quality.py [--runs benchmarks/results/transfers] [--label]
+    python -m benchmarks.label_quality [--runs outputs/benchmarks/transfers] [--label]
         [--out benchmarks/results/label_quality]
 
 Re-fuses the stored draws (every LALM answer and MC pass; no LALM call) of each transfer's seed-0
 main cell: the fusion's global part is fitted on the adaptation split, temperatures and the dev
 choice on half of the dev split, and the fused label's argmax is scored against the true labels of
 the adaptation split (``oracle_label``, diagnostics only) and of the test split. ``--label`` first
-labels the splits that are missing (the six demo transfers and the held-out ones of heldout.py).
-Rows: ``default`` (the shipped config, dev choice included), ``mifuse_paper`` (the paper's fusion),
+labels the splits that are missing (the six demo transfers and the six onto the validation domains).
+Rows: ``default`` (the shipped config, dev choice included), ``paper`` (the paper's fusion),
 ``lalm`` and ``source`` (each teacher alone) and every other named variant.
 """
 import argparse
@@ -16,18 +16,16 @@ import itertools
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-SPLITS = {"adapt": "labels", "dev": "labels_dev", "test": "labels_test"}
+from benchmarks.common import results_dir, runs_dir
+from mifuse_ray.pipeline import LABEL_STAGES
 
 
 def stored_splits(runs: str, transfer_dir: str) -> dict | None:
     folder = os.path.join(runs, transfer_dir, "seed0", "main")
-    paths = {split: os.path.join(folder, name, "labels.parquet") for split, name in SPLITS.items()}
+    paths = {split: os.path.join(folder, name, "labels.parquet") for split, name in LABEL_STAGES.items()}
     if not all(os.path.exists(p) for p in paths.values()):
         return None
     return {split: pd.read_parquet(p) for split, p in paths.items()}
@@ -35,7 +33,7 @@ def stored_splits(runs: str, transfer_dir: str) -> dict | None:
 
 def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
     """UAR of each variant's fused label on the adaptation and test splits, fitted as the pipeline fits."""
-    from mifuse_ray.calibration import choose_fusion, dev_half, resolve, variant
+    from mifuse_ray.calibration import choose_fusion, dev_half, fit_with_dev, variant
     from mifuse_ray.fusion import VARIANTS
     from mifuse_ray.labeling import fit_table, fusion_columns
     from mifuse_ray.metrics import counting_unanswered_as_wrong, uar
@@ -44,7 +42,7 @@ def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
     choice = choose_fusion(adapt, tables["dev"], fusion_cfg, labels)
     half = dev_half(tables["dev"], fusion_cfg, labels)
     fusions = {"default": (choice.config, choice.fit)}
-    fusions.update({name: resolve(adapt, half, variant(fusion_cfg, name), labels) for name in VARIANTS})
+    fusions.update({name: fit_with_dev(adapt, half, variant(fusion_cfg, name), labels) for name in VARIANTS})
     rows = []
     for (name, (cfg, fit)), split in itertools.product(fusions.items(), ("adapt", "test")):
         t = tables[split]
@@ -59,7 +57,7 @@ def score_variants(tables: dict, fusion_cfg, labels) -> list[dict]:
 
 
 def label_missing(runs: str, transfers, scale: float) -> None:
-    from transfers import label_cell
+    from benchmarks.transfers import label_cell
     from mifuse_ray.ray_utils import init_ray
     init_ray()
     for source, target in transfers:
@@ -70,20 +68,20 @@ def label_missing(runs: str, transfers, scale: float) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="benchmarks/results/transfers")
-    p.add_argument("--out", default="benchmarks/results/label_quality")
+    p.add_argument("--runs", default=runs_dir("transfers"))
+    p.add_argument("--out", default=results_dir("label_quality"))
     p.add_argument("--label", action="store_true", help="label the transfers whose splits are missing first")
     p.add_argument("--scale", type=float, default=1.0)
     args = p.parse_args()
-    from transfers import DOMAINS, main_config
-    from heldout import HELDOUT_DOMAINS
-    demo = [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
-    heldout = [(s, t) for s in DOMAINS for t in HELDOUT_DOMAINS]
+    from benchmarks.transfers import TRANSFER_DOMAINS, main_config
+    from mifuse_ray.demo.domains import VALIDATION_DOMAINS
+    demo = [(s, t) for s, t in itertools.permutations(TRANSFER_DOMAINS, 2)]
+    validation = [(s, t) for s in TRANSFER_DOMAINS for t in VALIDATION_DOMAINS]
     if args.label:
-        label_missing(args.runs, demo + heldout, args.scale)
+        label_missing(args.runs, demo + validation, args.scale)
     cfg = main_config()
     rows = []
-    for (source, target), group in [(t, "demo") for t in demo] + [(t, "held-out") for t in heldout]:
+    for (source, target), group in [(t, "demo") for t in demo] + [(t, "validation") for t in validation]:
         tables = stored_splits(args.runs, f"{source}__{target}")
         if tables is None:
             print(f"skipping {source}→{target}: no stored labels (run with --label)")
@@ -112,7 +110,7 @@ def write_markdown(df: pd.DataFrame, out: str, cfg) -> None:
             f" / {len(g)}" for _, g in gdf.groupby("variant")]
         wide = wide.sort_values("adapt", ascending=False).reset_index()
         lines += [f"## {group} transfers ({gdf.transfer.nunique()}), average UAR", "", markdown_table(wide.round(3)), ""]
-        per = gdf[gdf.variant.isin(["default", "mifuse_paper", "lalm", "source"])].pivot_table(
+        per = gdf[gdf.variant.isin(["default", "paper", "lalm", "source"])].pivot_table(
             index=["transfer", "split"], columns="variant", values="uar").reset_index()
         chosen = gdf[gdf.variant == "default"].drop_duplicates("transfer").set_index("transfer").chosen
         per["dev choice"] = per.transfer.map(chosen)

@@ -1,6 +1,6 @@
 """LALM stage throughput against the offline endpoint (100 ms latency), same requests in flight.
 
-    python benchmarks/lalm_throughput.py [--requests 4000] [--concurrency 64] [--latency 0.1]
+    python -m benchmarks.lalm_throughput [--requests 4000] [--concurrency 64] [--latency 0.1]
 
 Compares: a plain sequential loop, a bare asyncio+aiohttp loop (the reference), Ray's own
 ray.data.llm HTTP request processor, and mifuse_ray's LALM stage on Ray Data. Throughput is
@@ -18,10 +18,9 @@ import sys
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():
@@ -58,10 +57,10 @@ def body(b64, model="mifuse-standin-lalm"):
 def run_sequential(url, wavs):
     from mifuse_ray.config import LALMConfig
     from mifuse_ray.label_set import DEFAULT_LABELS
-    from mifuse_ray.lalm.client import LALMClient, resolve
+    from mifuse_ray.lalm.client import LALMClient, resolve_endpoint
 
     async def go():
-        async with LALMClient(resolve(LALMConfig(answers_per_clip=1), DEFAULT_LABELS, url), None) as client:
+        async with LALMClient(resolve_endpoint(LALMConfig(answers_per_clip=1), DEFAULT_LABELS, url), None) as client:
             for w in wavs:
                 await client.ask(w, 1)
     asyncio.run(go())
@@ -94,9 +93,11 @@ def run_ray_data_llm(url, wavs, batch):
 def run_mifuse_stage(url, wavs, concurrency, batch, batches_in_flight):
     """The same stage construction as labeling (add_lalm_stage), on pre-decoded clips."""
     import io
+
     import pandas as pd
     import ray
     import soundfile as sf
+
     from mifuse_ray.config import LALMConfig
     from mifuse_ray.label_set import DEFAULT_LABELS
     from mifuse_ray.lalm.stage import add_lalm_stage
@@ -124,6 +125,7 @@ def main():
     base = f"http://127.0.0.1:{port}"
     url = base + "/v1"
     import ray
+
     from mifuse_ray.ray_utils import init_ray
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False

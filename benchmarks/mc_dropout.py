@@ -1,17 +1,14 @@
 """MC-dropout throughput: clips/s for K = 1, 5, 10, 20, batched vs a naive K-loop, full vs head scope.
 
-    python benchmarks/mc_dropout.py [--model cnn|wav2vec2] [--clips 64] [--device cpu|cuda]
+    python -m benchmarks.mc_dropout [--model cnn|wav2vec2] [--clips 64] [--device cpu|cuda]
 
 Ratios are against one deterministic pass of the same batch, measured in the same run.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 
 def build(kind: str, tmp: str):
@@ -37,8 +34,7 @@ def main():
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from mifuse_ray.models.mc import mc_seeds
-    from mifuse_ray.models.mc import mc_predict
+    from mifuse_ray.models.mc import mc_predict, mc_seeds
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model = build(args.model, tmp).to(device).eval()

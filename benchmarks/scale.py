@@ -1,6 +1,6 @@
 """Scale: labelling and one student epoch at N = 1k, 10k and 50k clips, with memory, on this machine.
 
-    python benchmarks/scale.py [--sizes 1000 10000 50000] [--work /tmp/mifuse_scale]
+    python -m benchmarks.scale [--sizes 1000 10000 50000] [--work /tmp/mifuse_scale]
 
 Clips: the demo's call_centre adaptation clips written again with a random gain of ±1 dB each
 (cycled, so N clips are N distinct files and N distinct LALM cache keys). Settings, chosen to
@@ -25,17 +25,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from benchmarks.common import commit, machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale", "scale.csv")
@@ -96,9 +93,10 @@ def object_store_used_mb() -> float:
 def make_clips(work: str, n: int) -> pd.DataFrame:
     """n distinct WAV files from the demo's call_centre adaptation clips (gain ±1 dB), with a manifest."""
     import soundfile as sf
-    from mifuse_ray.inputs import demo_paths
+
     from mifuse_ray.audio import list_inputs
     from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.inputs import demo_paths
     manifest = os.path.join(work, f"manifest_{n}.parquet")
     if os.path.exists(manifest):
         return pd.read_parquet(manifest)
@@ -135,6 +133,7 @@ def bench_config():
 def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> float:
     """The source stage's clips/s on clips already decoded in memory (same model, K, scope, batch)."""
     import torch
+
     from mifuse_ray.data import decode_locally
     from mifuse_ray.source_teacher import SourceTeacherStage
     torch.set_num_threads(os.cpu_count() or 1)
@@ -151,8 +150,8 @@ def source_bound(checkpoint: str, df: pd.DataFrame, cfg, clips: int = 512) -> fl
 
 
 def run_labeling(cfg, df: pd.DataFrame, checkpoint: str, out: str) -> float:
-    from mifuse_ray.labeling import label_target
     from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
+    from mifuse_ray.labeling import label_target
     shutil.rmtree(out, ignore_errors=True)
     cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out, "lalm_cache")))
     with BackgroundServer(ServerConfig(labels=tuple(cfg.labels), benchmark=True)) as server:
@@ -174,22 +173,11 @@ def run_student_epoch(cfg, out: str, checkpoint: str) -> tuple[float, float]:
     return res.history[0]["epoch_seconds"], time.time() - start
 
 
-def machine() -> str:
-    return f"{platform.node()} {os.cpu_count()} cores {platform.machine()}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip()
-    except OSError:
-        return ""
-
-
 def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
+    import ray
+
     from mifuse_ray.inputs import demo_paths
     from mifuse_ray.ray_utils import init_ray
-    import ray
     cfg = bench_config()
     df = make_clips(work, n)
     _, checkpoint = demo_paths(cfg)

@@ -3,7 +3,7 @@ scored alone, as a probability ensemble and as one weight-averaged model (a "sou
 from the source weights, so their weights average), beside how often each agrees with the top class
 of the fused label it learnt, on its own adaptation clips and on the test clips.
 
-    python benchmarks/seed_ensemble.py --bench-root /tmp/tb/transfers [--variant main] [--seeds 0 1 2]
+    python -m benchmarks.seed_ensemble --bench-root /tmp/tb/transfers [--variant main] [--seeds 0 1 2]
         [--out benchmarks/results/seed_ensemble]
 
 If the seeds' errors were independent, averaging them would lift the student toward its labels; if
@@ -14,20 +14,16 @@ Ray, nothing is trained or asked of the LALM. A few minutes on 2 cores.
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from mifuse_ray.config import AudioConfig  # noqa: E402
-from mifuse_ray.data import DecodeAudio  # noqa: E402
-from mifuse_ray.metrics import uar  # noqa: E402
-from mifuse_ray.report import markdown_table  # noqa: E402
-from mifuse_ray.source_teacher import SourceTeacherStage  # noqa: E402
-from scale import commit, machine  # noqa: E402
+from benchmarks.common import commit, machine, results_dir
+from mifuse_ray.config import AudioConfig
+from mifuse_ray.data import DecodeAudio
+from mifuse_ray.metrics import uar
+from mifuse_ray.report import markdown_table
+from mifuse_ray.source_teacher import SourceTeacherStage
 
 
 def decoded(table: pd.DataFrame) -> pd.DataFrame:
@@ -74,7 +70,7 @@ def main():
     p.add_argument("--bench-root", required=True, help="a benchmarks/transfers.py output folder")
     p.add_argument("--variant", default="main")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="benchmarks/results/seed_ensemble")
+    p.add_argument("--out", default=results_dir("seed_ensemble"))
     a = p.parse_args()
     rows = []
     for cell in sorted(glob.glob(os.path.join(a.bench_root, "*__*"))):
@@ -96,7 +92,7 @@ def main():
                 "adapt_agrees_with_label", "test_agrees_with_label", "adapt_student_uar", "adapt_fused_label_uar"]]
     text = "\n".join([
         "# Seeds averaged: variance or bias? (test UAR of the final model, `mifuse_ema`)", "",
-        f"`python benchmarks/seed_ensemble.py --bench-root {a.bench_root} --variant {a.variant} --seeds "
+        f"`python -m benchmarks.seed_ensemble --bench-root {a.bench_root} --variant {a.variant} --seeds "
         f"{' '.join(map(str, a.seeds))}` on {machine()}, commit {commit()}.", "",
         "`test_student_uar`: the seeds' mean; `ensemble`: their mean probabilities; `soup`: one model with their "
         "mean weights. `agrees_with_label`: how often a student's top class is the fused label's, on the "

@@ -2,7 +2,7 @@
 adaptation split's ground truth (an oracle only the demo has), beside the same student on the fused
 labels it really gets, and the fused label's and the LALM's own test UAR.
 
-    python benchmarks/student_bound.py [--transfers podcast:call_centre ...] [--epochs 16 48]
+    python -m benchmarks.student_bound [--transfers podcast:call_centre ...] [--epochs 16 48]
         [--labels oracle fused fused_speakers] [--inits source fresh head] [--seeds 0 1 2]
         [--out benchmarks/results/student_bound]
 
@@ -35,10 +35,14 @@ import time
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from transfers import ABLATIONS, DOMAINS, WHOLE, cell_config, label_cell  # noqa: E402
+from benchmarks.common import results_dir, runs_dir
+from benchmarks.transfers import (
+    ABLATIONS,
+    TRANSFER_DOMAINS,
+    WHOLE,
+    cell_config,
+    label_cell,
+)
 
 # the student's start (train.* settings): the whole network from the source weights, as the committed rows were
 # measured; the init ablation's fresh start; or the shipped student (`head`: the default's head on the source
@@ -86,9 +90,10 @@ def teacher_uar(table: pd.DataFrame, column: str, labels: list[str]) -> float:
 def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed, rows, labels=("oracle", "fused"),
                  inits=("source",)):
     from mifuse_ray.api import resolve_inputs
-    from mifuse_ray.calibration import dev_halves
     from mifuse_ray.metrics import uar
-    from mifuse_ray.train.student import mode_labels, train_student, training_table
+    from mifuse_ray.pipeline import student_dev_half
+    from mifuse_ray.train.labels import mode_labels, training_table
+    from mifuse_ray.train.student import train_student
     transfer = f"{source}→{target}"
     todo = [(lab, init, ep) for lab in labels for init in inits for ep in epochs_list
             if not ((rows["transfer"] == transfer) & (rows["labels"] == lab) & (rows["init"] == init)
@@ -96,9 +101,9 @@ def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed,
     if not todo:
         return rows
     split_labels, choice = label_cell(source, target, bench_root, scale)
-    cfg = cell_config(source, target, seed, os.path.join(out_root, "runs", f"{source}__{target}"), bench_root, scale)
+    cfg = cell_config(source, target, seed, os.path.join(runs_dir("student_bound"), f"{source}__{target}"), bench_root, scale)
     inputs = resolve_inputs(cfg)
-    student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]].reset_index(drop=True)
+    student_dev = student_dev_half(inputs.dev_df)
     fused_uar, lalm_uar = (teacher_uar(split_labels["test"].table, c, cfg.labels) for c in ("fused_pred", "lalm_pred"))
     adapt = split_labels["adapt"].table
     adapt = adapt[adapt["error"].isna()].reset_index(drop=True)
@@ -131,7 +136,7 @@ def run_transfer(source, target, out_root, bench_root, scale, epochs_list, seed,
 
 
 def summarize(rows: pd.DataFrame, out_root: str, command: str) -> None:
-    from scale import commit, machine
+    from benchmarks.common import commit, machine
     lines = ["# The student's ceiling: ground-truth labels vs fused labels (test UAR)", "",
              f"`{command}` on {machine()}, commit {commit()}.", "",
              "Student recipe `lalm_labels` (fixed soft labels, no EMA, no consistency) on the adaptation split; "
@@ -166,8 +171,8 @@ def main():
     p.add_argument("--inits", nargs="+", default=["source"], choices=sorted(INITS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--out", default="benchmarks/results/student_bound")
-    p.add_argument("--bench-root", default="benchmarks/results/transfers", help="the six-transfer cells")
+    p.add_argument("--out", default=results_dir("student_bound"))
+    p.add_argument("--bench-root", default=runs_dir("transfers"), help="the six-transfer cells")
     args = p.parse_args()
     from mifuse_ray.ray_utils import init_ray
     init_ray()
@@ -177,12 +182,12 @@ def main():
     if "init" not in rows.columns:                         # rows written before --inits existed
         rows.insert(2, "init", "source")
     pairs = [t.split(":") for t in args.transfers] if args.transfers else \
-        [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
+        [(s, t) for s in TRANSFER_DOMAINS for t in TRANSFER_DOMAINS if s != t]
     for seed in args.seeds:
         for source, target in pairs:
             rows = run_transfer(source, target, args.out, args.bench_root, args.scale, args.epochs, seed, rows,
                                 args.labels, args.inits)
-    summarize(rows, args.out, "python benchmarks/student_bound.py " + " ".join(sys.argv[1:]))
+    summarize(rows, args.out, "python -m benchmarks.student_bound " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

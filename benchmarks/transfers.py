@@ -1,11 +1,12 @@
 """Six-transfer accuracy benchmark (docs/method.md §5): every baseline and MI-Fuse on the demo domains.
 
-    python benchmarks/transfers.py [--seeds 0 1 2] [--scale 1.0] [--out benchmarks/results/transfers]
+    python -m benchmarks.transfers [--seeds 0 1 2] [--scale 1.0] [--runs outputs/benchmarks/transfers]
+        [--out benchmarks/results/transfers]
         [--ablations balancing consistency refusion alpha ...] [--transfers acted_studio:call_centre ...]
         [--baselines lalm_labels source_labels shot_im mifuse_paper equal_weights no_ema]
 
-Resumable: each (transfer, seed, variant) is an adapt run in its own folder, reused when finished
-(labels, LALM answers and checkpoints included). LALM answers depend only on the target, and the
+Resumable: each (transfer, seed, variant) is an adapt run in its own folder under ``--runs``, reused
+when finished (labels, LALM answers and checkpoints included); the tables go to ``--out``. LALM answers depend only on the target, and the
 response cache is shared, so three label sets serve all six transfers. Writes transfers.md, .csv
 and transfers.png from whatever cells are finished.
 """
@@ -17,10 +18,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import mean_std, results_dir, runs_dir
+from mifuse_ray.demo.domains import DEMO_DOMAINS
 
-DOMAINS = ("acted_studio", "call_centre", "podcast")
+TRANSFER_DOMAINS = tuple(DEMO_DOMAINS)          # the six transfers run between the demo's domains
 # The main cells fuse N = 5 of the 10 stored answers and K = 10 of the 20 MC passes; an ablation value
 # equal to the main setting (or to the default, for the EMA decay and the uncertainty) is the main cell.
 MAIN_SETTINGS = {"fusion.lalm_answers_used": 5, "fusion.source_passes_used": 10}
@@ -72,11 +73,11 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # more optimiser steps from the source weights: with the true labels a fresh student needed ~48
              # epochs (benchmarks/student_bound.py), and the shipped one matches its labels' top class on ~60 %
              "epochs": [("train.epochs", v) for v in (32, 48)],
-             # each speaker's labels balanced towards the prior as well as the split's (fusion.speaker_scales)
+             # each speaker's labels balanced towards the prior as well as the split's (fusion_fit.speaker_scales)
              "speakers": [("fusion.balance_speakers", True)],
              # the model at the end of the best 3-epoch mean of dev UAR instead of the final EMA: on a→p the dev UAR
              # is best after epoch 0 and falls from there, on the other transfers it rises to the end
-             "select": [("train.select", "smoothed_dev")],
+             "select": [("train.final_model", "smoothed_dev")],
              "uncertainty": [("fusion.uncertainty", v) for v in ("mi", "entropy")],
              "n": [("fusion.lalm_answers_used", v) for v in (1, 3, 5, 10)],
              "k": [("fusion.source_passes_used", v) for v in (1, 5, 10, 20)],
@@ -90,7 +91,8 @@ BY_SPEAKER = "_by_speaker"
 
 def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     from mifuse_ray.api import adapt
-    from mifuse_ray.config import apply_overrides
+    from mifuse_ray.overrides import apply_overrides
+    from mifuse_ray.reuse import settings_changed
     tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides) or "main"
     out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", tag)
     done = os.path.join(out, "results.json")
@@ -102,7 +104,7 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     # a cell evaluated before speaker-normalised inference existed runs again: its labels and students are
     # reused, so only the evaluation is repeated
     if wanted <= set(finished.get("test", {})) and "test_by_speaker" in finished:
-        changed = changed_settings(out, cfg)
+        changed = settings_changed(out, cfg)
         if not changed:
             return finished                             # finished with every system asked for, at these settings
         print(f"{out}: finished at other settings ({'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); "
@@ -117,42 +119,14 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     return results
 
 
-def changed_settings(out: str, cfg) -> list[str]:
-    """The settings (result fields of the labelling, fusion and training sections) on which a finished cell
-    differs from ``cfg``, read from its run.json: a tree made before a default changed is run again instead
-    of handing back the old default's numbers. A field the record lacks (added since) counts as changed."""
-    from mifuse_ray.config import result_fields
-    record = os.path.join(out, "run.json")
-    if not os.path.exists(record):
-        return ["no run.json"]
-    with open(record) as fh:
-        stored = json.load(fh)["config"]
-    changed = []
-    for section in ("audio", "lalm", "source", "fusion", "train"):
-        now = json.loads(json.dumps(result_fields(getattr(cfg, section)), default=str))
-        then = stored.get(section, {})
-        changed += [f"{section}.{k} {then.get(k, '(not recorded)')} → {v}" for k, v in now.items()
-                    if k not in then or then[k] != v]
-    return changed
-
-
 def cell_config(source, target, seed, out, out_root, scale):
-    """The configuration of one cell: a demo transfer, or a demo source onto a held-out domain
-    (benchmarks/heldout.py) or a demo domain with more adaptation speakers (benchmarks/adapt_speakers.py),
-    which is written under the same root and given as a manifest."""
-    from mifuse_ray.config import MiFuseConfig, apply_overrides
-    from mifuse_ray.demo.domains import DOMAINS, ensure_domain
-    from adapt_speakers import ADAPT_SPEAKER_DOMAINS
-    from heldout import HELDOUT_DOMAINS
-    extra_targets = {**HELDOUT_DOMAINS, **ADAPT_SPEAKER_DOMAINS}
+    """The configuration of one cell: a demo transfer, or a demo source onto a validation domain or a
+    domain with more adaptation speakers (``demo.domains.domain_named``), written under the same root."""
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.overrides import apply_overrides
     cfg = MiFuseConfig(output=out)
     root = os.path.join(out_root, "_demo")
-    demo_target = target if target in DOMAINS else next(d for d in DOMAINS if d != source)
-    cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=demo_target, scale=scale, root=root)
-    if target in extra_targets:
-        from mifuse_ray.inputs import demo_paths
-        _, cfg.source.checkpoint = demo_paths(cfg)
-        cfg.target = ensure_domain(extra_targets[target], root, scale)
+    cfg.demo = dataclasses.replace(cfg.demo, source_domain=source, target_domain=target, scale=scale, root=root)
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 10, 20
     cfg.lalm.cache_dir = os.path.join(out_root, "_lalm_cache")
     return apply_overrides(cfg, {"train.seed": seed, **MAIN_SETTINGS})
@@ -161,21 +135,20 @@ def cell_config(source, target, seed, out, out_root, scale):
 def label_cell(source, target, out_root, scale):
     """Only the labels of a cell (adaptation, dev and test splits, every draw stored), where the
     seed-0 main cell will find and reuse them: what the label-quality benchmark re-fuses."""
-    from mifuse_ray.api import label_splits, lalm_endpoint, resolve_inputs
+    from mifuse_ray.api import label_run, resolve_inputs
     out = os.path.join(out_root, f"{source}__{target}", "seed0", "main")
     cfg = cell_config(source, target, 0, out, out_root, scale)
-    inputs = resolve_inputs(cfg)
-    with lalm_endpoint(cfg) as base_url:
-        return label_splits(cfg, inputs, out, base_url)
+    os.makedirs(out, exist_ok=True)
+    return label_run(cfg, resolve_inputs(cfg), out)
 
 
-def collect_cells(out_root: str) -> dict:
-    """Every finished cell under ``out_root``, whichever command ran it, so that a table written by
+def collect_cells(runs: str, out: str | None = None) -> dict:
+    """Every finished cell under ``runs``, whichever command ran it, so that a table written by
     one part of the benchmark (a seed, the ablations) holds the parts that ran before it. Run folders
-    stay local, so the committed ``transfers_cells.csv`` is read first: a fresh checkout adds cells to
-    the record instead of replacing it; a cell finished on disk overrides its recorded row."""
-    cells = _recorded_cells(out_root)
-    for done in sorted(glob.glob(os.path.join(out_root, "*__*", "seed*", "*", "results.json"))):
+    stay local, so the committed ``transfers_cells.csv`` in ``out`` is read first: a fresh checkout adds
+    cells to the record instead of replacing it; a cell finished on disk overrides its recorded row."""
+    cells = _recorded_cells(out or runs)
+    for done in sorted(glob.glob(os.path.join(runs, "*__*", "seed*", "*", "results.json"))):
         folder = os.path.dirname(done)
         if os.path.exists(os.path.join(folder, "cell.json")):
             cell = json.load(open(os.path.join(folder, "cell.json")))
@@ -202,14 +175,6 @@ def _recorded_cells(out_root: str) -> dict:
     return cells
 
 
-def _mean_std(values) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return ""
-    import numpy as np
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def seed_tables(df, complete_seeds):
     """Per system: mean ± std over seeds for each transfer (every finished seed), and for the average
     over transfers (each complete seed's average over all transfers, then mean ± std over those seeds),
@@ -220,11 +185,11 @@ def seed_tables(df, complete_seeds):
     for system, sdf in df.groupby("system"):
         row = {"system": system}
         for t in transfers:
-            row[t] = _mean_std(sdf[sdf.transfer == t].uar.tolist())
+            row[t] = mean_std(sdf[sdf.transfer == t].uar.tolist())
         # a seed counts only where this system ran on every transfer (a partly rerun seed is not an average)
         covered = [seed for seed in complete_seeds if set(sdf[sdf.seed == seed].transfer) >= set(transfers)]
         for metric, name in (("uar", "UAR"), ("wa", "WA"), ("macro_f1", "macro-F1")):
-            row[f"average {name}"] = _mean_std([sdf[sdf.seed == seed][metric].mean() for seed in covered])
+            row[f"average {name}"] = mean_std([sdf[sdf.seed == seed][metric].mean() for seed in covered])
         rows.append(row)
     table = pd.DataFrame(rows)
     order = pd.to_numeric(table["average UAR"].str.split(" ").str[0], errors="coerce").sort_values(
@@ -281,7 +246,8 @@ def target_checks(main_df, complete_seeds):
 
 def main_config():
     """The configuration the main cells fuse with (for scripts that re-fuse their stored labels)."""
-    from mifuse_ray.config import MiFuseConfig, apply_overrides
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.overrides import apply_overrides
     cfg = MiFuseConfig()
     apply_overrides(cfg, dict(MAIN_SETTINGS))
     return cfg
@@ -407,26 +373,28 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--out", default="benchmarks/results/transfers")
+    p.add_argument("--runs", default=runs_dir("transfers"), help="the cells' run trees (audio, labels, models)")
+    p.add_argument("--out", default=results_dir("transfers"), help="the tables and figure (committed)")
     p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: all six)")
     p.add_argument("--baselines", nargs="*", default=BASELINES, choices=BASELINES,
                    help="baseline students per main cell (a later run with more adds them, reusing the rest)")
     args = p.parse_args()
-    command = "python " + " ".join(["benchmarks/transfers.py", *sys.argv[1:]])
+    command = "python " + " ".join(["-m benchmarks.transfers", *sys.argv[1:]])
     from mifuse_ray.ray_utils import init_ray
     init_ray()
-    out_root = os.path.abspath(args.out)
-    os.makedirs(out_root, exist_ok=True)
+    runs, out = os.path.abspath(args.runs), os.path.abspath(args.out)
+    os.makedirs(runs, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
-        [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
+        [(s, t) for s, t in itertools.permutations(TRANSFER_DOMAINS, 2)]
     for seed, (source, target) in itertools.product(args.seeds, transfers):   # a whole seed first
-        run_cell(source, target, seed, out_root, args.scale, baselines=args.baselines)
+        run_cell(source, target, seed, runs, args.scale, baselines=args.baselines)
         for ablation in args.ablations:
             for run in ABLATIONS[ablation]:
                 if not _is_main_setting(run):
-                    run_cell(source, target, seed, out_root, args.scale, _pairs(run))
-        summarize(collect_cells(out_root), out_root, command)
+                    run_cell(source, target, seed, runs, args.scale, _pairs(run))
+        summarize(collect_cells(runs, out), out, command)
 
 
 if __name__ == "__main__":

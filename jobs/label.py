@@ -16,15 +16,13 @@ def run() -> None:
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
     from mifuse_ray.inputs import prepare
     from mifuse_ray.labeling import estimate_spend
-    from mifuse_ray.pipeline import check_lalm, label_splits, lalm_endpoint
+    from mifuse_ray.pipeline import label_run
     inputs = prepare(cfg)
     spend = estimate_spend(cfg, inputs.labelled_clips())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return
-    with lalm_endpoint(cfg) as url:
-        check_lalm(cfg, url)
-        results, _ = label_splits(cfg, inputs, os.path.abspath(cfg.output), url)
+    results, _ = label_run(cfg, inputs, os.path.abspath(cfg.output), spend)
     res = results["adapt"]
     from mifuse_ray.report import plot_fusion
     plot_fusion(res.table, cfg.labels, os.path.join(os.path.dirname(res.labels_path), "fusion.png"))

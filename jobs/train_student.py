@@ -14,21 +14,19 @@ def run() -> None:
     import json
     import pandas as pd
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
-    from mifuse_ray.calibration import choose_fusion, dev_halves
     from mifuse_ray.config import ConfigError
     from mifuse_ray.inputs import prepare
-    from mifuse_ray.train.student import train_student
-    labels_path = os.path.join(cfg.output, "labels", "labels.parquet")
-    if not os.path.exists(labels_path):
-        raise ConfigError(f"{labels_path} not found: run jobs/label.py with the same --output first")
+    from mifuse_ray.pipeline import LABEL_STAGES, choose_split_fusion, train_students
+    tables = {split: pd.read_parquet(os.path.join(cfg.output, stage_dir, "labels.parquet"))
+              for split, stage_dir in LABEL_STAGES.items()
+              if os.path.exists(os.path.join(cfg.output, stage_dir, "labels.parquet"))}
+    if "adapt" not in tables:
+        raise ConfigError(f"{os.path.join(cfg.output, 'labels', 'labels.parquet')} not found: run jobs/label.py "
+                          "with the same --output first")
     inputs = prepare(cfg)
-    labels = pd.read_parquet(labels_path)
-    dev_path = os.path.join(cfg.output, "labels_dev", "labels.parquet")
-    dev_labels = pd.read_parquet(dev_path) if os.path.exists(dev_path) else None
-    choice = choose_fusion(labels, dev_labels, cfg.fusion, cfg.labels)
-    student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]] if inputs.dev_df is not None else None
-    res = train_student(cfg, labels, student_dev, inputs.source_checkpoint, cfg.output, run_name=cfg.train.mode,
-                        choice=choice, dev_labels=dev_labels)
+    choice = choose_split_fusion(cfg, tables)
+    res = train_students(cfg, tables, choice, inputs.dev_df, inputs.source_checkpoint, cfg.output,
+                         {cfg.train.mode: cfg.train.mode})[cfg.train.mode]
     print(json.dumps({"model": res.model_dir, "final model": res.chosen, "fusion": choice.name,
                       "last epoch": res.best_metrics}, indent=2, default=str))
 

@@ -1,6 +1,7 @@
-"""Ray Tune search over N, K, α, τ, λ_div, lr (ASHA), reusing one labeling run's stored draws.
+"""Ray Tune search over N, K, α, τ, λ_div, lr (ASHA), reusing one labelling run's stored draws.
 
-    python jobs/tune.py --num-samples 8 --space space.yaml
+    python jobs/tune.py --num-samples 8 [--space space.yaml] [any adapt option]
+    python jobs/adapt.py --config outputs/demo/best_config.json      # the best trial, as adapt trains it
 """
 import os
 import sys
@@ -18,25 +19,30 @@ def run() -> None:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--space", help="YAML {dotted.name: [kind, values]}; kinds: choice, uniform, loguniform, grid")
     cfg, args = parse_config(p)
-    from mifuse_ray.inputs import prepare
-    from mifuse_ray.pipeline import check_lalm, label_or_reuse, lalm_endpoint
-    from mifuse_ray.tune import DEFAULT_SPACE, largest_answers, run_tune
+    from mifuse_ray.console import divert_native_logs, quiet_ray, stage
+    from mifuse_ray.inputs import check_output_writable, prepare
+    from mifuse_ray.pipeline import label_run
+    from mifuse_ray.tune import DEFAULT_SPACE, run_tune, searchable
     space = DEFAULT_SPACE
     if args.space:
         with open(args.space) as fh:
             space = yaml.safe_load(fh)
-    # Ask the LALM once, for the largest N any trial will use; likewise K.
-    cfg.lalm.answers_per_clip = max(cfg.lalm.answers_per_clip, largest_answers(space, "fusion.lalm_answers_used", cfg.lalm.answers_per_clip))
-    cfg.source.passes_per_clip = max(cfg.source.passes_per_clip, largest_answers(space, "fusion.source_passes_used", cfg.source.passes_per_clip))
-    inputs = prepare(cfg)
-    with lalm_endpoint(cfg) as url:
-        check_lalm(cfg, url)
-        labels = label_or_reuse(cfg, inputs.adapt_df, os.path.abspath(cfg.output), inputs.source_checkpoint, url)
+    cfg = searchable(cfg, space)
+    check_output_writable(cfg.output)
+    out = os.path.abspath(cfg.output)
+    log_path = quiet_ray(os.path.join(out, "logs"), cfg.verbose)
+    if log_path:
+        divert_native_logs(log_path)
+    with stage("inputs", 3, 1):
+        inputs = prepare(cfg, verbose=cfg.verbose)
+    with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers (once, for every trial)", 3, 2):
+        split_labels, _ = label_run(cfg, inputs, out)
     cfg.train.cpus_per_worker = min(cfg.train.cpus_per_worker, 0.5)
-    table, best = run_tune(cfg, labels.table, inputs.dev_df, inputs.source_checkpoint, os.path.abspath(cfg.output),
-                           space, args.num_samples, args.search_alg, args.max_concurrent)
+    print(f"[3/3] {args.num_samples} trial(s) of the search, {args.max_concurrent} at a time:", flush=True)
+    table, best = run_tune(cfg, {split: res.table for split, res in split_labels.items()}, inputs.dev_df,
+                           inputs.source_checkpoint, out, space, args.num_samples, args.search_alg, args.max_concurrent)
     print(table.to_string(index=False))
-    print(f"best: {best.config} -> {os.path.join(cfg.output, 'best_config.json')}")
+    print(f"best: {best.config}\nrerun it as adapt does: python jobs/adapt.py --config {os.path.join(cfg.output, 'best_config.json')}")
     print(f"tensorboard --logdir {os.path.join(cfg.output, 'tensorboard')}")
 
 

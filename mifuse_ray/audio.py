@@ -17,8 +17,6 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
-
 # Reasons an input clip can be rejected; stored verbatim in the `error` column.
 MISSING_FILE = "missing_file"
 UNREADABLE = "unreadable"
@@ -169,20 +167,6 @@ def encode_wav(wav: np.ndarray, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.clip(wav, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
-
-
-def crop_or_pad(wav: np.ndarray, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Fixed-length view for training: a random crop (centre when rng is None) or zero padding."""
-    n = len(wav)
-    if n >= length:
-        start = (n - length) // 2 if rng is None else int(rng.integers(0, n - length + 1))
-        return wav[start:start + length]
-    out = np.zeros(length, dtype=np.float32)
-    out[:n] = wav
-    return out
-
-
-MANIFEST_COLUMNS = ("clip_id", "path", "duration_s", "sample_rate", "domain", "speaker_id", "label", "split")
 
 
 def list_inputs(source: str, split: str | None = None) -> pd.DataFrame:

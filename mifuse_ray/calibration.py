@@ -14,7 +14,8 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from .fusion import VARIANTS, FusionFit, fit_temperatures
+from .fusion import VARIANTS, FusionFit
+from .fusion_fit import fit_temperatures
 from .fused_labels import fit_table, fusion_columns, teacher_names, teachers_of
 from .metrics import bootstrap_ci, uar
 
@@ -120,7 +121,7 @@ def dev_half(dev: pd.DataFrame | None, fusion_cfg, labels) -> DevHalf | None:
     return DevHalf(half, y, temperatures)
 
 
-def resolve(adapt: pd.DataFrame, half: DevHalf | None, fusion_cfg, labels):
+def fit_with_dev(adapt: pd.DataFrame, half: DevHalf | None, fusion_cfg, labels):
     """A fusion config made concrete for this data: dev-fitted weights and temperatures where it
     asks for them and a dev half exists, and its global part fitted on the adaptation split."""
     C = len(labels)
@@ -142,18 +143,18 @@ def score_on(half: DevHalf, fusion_cfg, fit, labels) -> dict:
 
 def choose_fusion(adapt: pd.DataFrame, dev: pd.DataFrame | None, fusion_cfg, labels) -> FusionChoice:
     """Temperatures and the variant with the best fused-label UAR on the first dev half."""
-    wants_dev = fusion_cfg.calibrate or fusion_cfg.select_on_dev or fusion_cfg.weighting == "dev"
+    wants_dev = fusion_cfg.calibrate or fusion_cfg.choose_on_dev or fusion_cfg.weighting == "dev"
     half = dev_half(dev, fusion_cfg, labels) if wants_dev else None
     if half is None:
         note = ("configured fusion, no dev split used" if not wants_dev else
                 "no labelled dev split with LALM answers: the unsupervised default applies (no calibration, "
                 "no choice)")
-        cfg, fit = resolve(adapt, None, dataclasses.replace(fusion_cfg, calibrate=False), labels)
+        cfg, fit = fit_with_dev(adapt, None, dataclasses.replace(fusion_cfg, calibrate=False), labels)
         return FusionChoice("configured", cfg, fit, {}, note)
-    names = list(fusion_cfg.candidates) if fusion_cfg.select_on_dev else ["configured"]
+    names = list(fusion_cfg.candidates) if fusion_cfg.choose_on_dev else ["configured"]
     scores, resolved = {}, {}
-    for name in dict.fromkeys(names + ["mifuse_paper", "lalm", "source"]):
-        cfg, fit = resolve(adapt, half, fusion_cfg if name == "configured" else variant(fusion_cfg, name), labels)
+    for name in dict.fromkeys(names + ["paper", "lalm", "source"]):
+        cfg, fit = fit_with_dev(adapt, half, fusion_cfg if name == "configured" else variant(fusion_cfg, name), labels)
         scores[name], resolved[name] = score_on(half, cfg, fit, labels), (cfg, fit)
     best = max(names, key=lambda n: scores[n]["uar"])
     chosen_cfg = resolved[best][0]

@@ -7,12 +7,15 @@ import os
 import sys
 import warnings
 
-from .config import ConfigError, MiFuseConfig, add_config_arguments, config_from_args
+from .config import ConfigError, MiFuseConfig
+from .overrides import add_config_arguments, config_from_args
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, epilog="Any config field can be set as --section.name VALUE "
-                                "(e.g. --lalm.answers_per_clip 5 --train.epochs 8); see README 'Configuration'.")
+    p = argparse.ArgumentParser(description=description, usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
+                                epilog="Every config field above can be set as --section.field VALUE, in the --config "
+                                "YAML file (nested mappings) or in a Tune search space, by the same dotted name; "
+                                "examples in configs/.")
     p.add_argument("--config", help="YAML file with settings (dotted names as nested mappings)")
     add_config_arguments(p)
     return p

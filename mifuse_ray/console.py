@@ -2,10 +2,13 @@
 a file (``--verbose`` shows them live), and a short summary at the end."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import re
 import sys
+import threading
 import time
 
 log = logging.getLogger("mifuse_ray")
@@ -37,6 +40,51 @@ def quiet_ray(log_dir: str, verbose: bool) -> str | None:
     warnings_logger.handlers = [handler]
     warnings_logger.propagate = False
     return path
+
+
+# A line of Ray's C++ logger: "[2026-12-04 20:01:12,374 E 2647 2647] core_worker.cc:2465: ..."
+NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+_diverted: dict = {}
+
+
+def divert_native_logs(path: str) -> None:
+    """Ray's C++ core worker inside this driver logs to file descriptor 2 (e.g. core_worker.cc's
+    "constructor arguments in the object store" line for every Ray Data actor pool), out of reach
+    of Python's logging. Route fd 2 through a pipe: lines in the C++ logger's format go to ``path``
+    (Ray's own log file), every other line to the console. Python's own ``sys.stderr`` writes to the
+    console directly, so a user error or a traceback never waits on the pipe."""
+    if _diverted or not hasattr(os, "pipe"):
+        return
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                        errors="backslashreplace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    for handler in logging.getLogger().handlers:          # cli.main's handler still holds the old stream
+        if _writes_to_console(handler) and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setStream(console)
+    sys.stderr = console
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+    def pump():
+        with os.fdopen(read_end, encoding="utf-8", errors="backslashreplace") as source:
+            for line in source:
+                (log if NATIVE_LOG_LINE.match(line) else console).write(line)
+
+    thread = threading.Thread(target=pump, name="native-log-pump", daemon=True)
+    thread.start()
+    _diverted.update(console=console, thread=thread)
+    atexit.register(_restore_native_logs)
+
+
+def _restore_native_logs() -> None:
+    """Put the console back on fd 2 at exit and let the pump drain what is in the pipe."""
+    console = _diverted.get("console")
+    if console is None:
+        return
+    os.dup2(console.fileno(), 2)              # our end of the pipe closes: the pump reads to its end
+    _diverted["thread"].join(timeout=2.0)
 
 
 def _writes_to_console(handler: logging.Handler) -> bool:

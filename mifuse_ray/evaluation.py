@@ -16,7 +16,7 @@ def score(y_true, y_pred, num_classes: int) -> dict:
 
 def by_speaker(probs, speakers, cfg: MiFuseConfig) -> np.ndarray:
     """Predictions with each speaker's distributions balanced towards the prior over that speaker's
-    clips (``fusion.speaker_scales``; speakers with fewer than ``fusion.speaker_min_clips`` clips, or
+    clips (``fusion_fit.speaker_scales``; speakers with fewer than ``fusion.speaker_min_clips`` clips, or
     without an id, are predicted clip by clip). -1 where a clip has no distribution.
 
     Why: the cues of emotion (pitch, loudness, rate) differ between speakers as much as between
@@ -25,7 +25,7 @@ def by_speaker(probs, speakers, cfg: MiFuseConfig) -> np.ndarray:
     a set of clips (transductive within each speaker), so it is scored beside the per-clip figures,
     for every system alike, never instead of them."""
     from .fused_labels import fusion_prior
-    from .fusion import rescale_by_speaker, speaker_scales
+    from .fusion_fit import rescale_by_speaker, speaker_scales
     C = len(cfg.labels)
     p = np.array([np.asarray(v, dtype=np.float64) if v is not None and len(v) == C else np.full(C, np.nan)
                   for v in probs]).reshape(-1, C)

@@ -11,20 +11,21 @@ import re
 import numpy as np
 import pandas as pd
 
-from .fusion import (STATUS_NAMES, FusionFit, corrected_pbars, fit_fusion, fuse, rescale_by_speaker, speaker_scales,
-                     teacher_stats)
+from .fusion import STATUS_NAMES, FusionFit, corrected_pbars, fuse, teacher_stats
+from .fusion_fit import _column_means, fit_fusion, rescale_by_speaker, speaker_scales
 
 NO_TEACHER_ERROR = "no_teacher_answer"     # a decoded clip that neither teacher could answer
 
 
 LALM = "lalm"                            # the API teacher; every other teacher is a source model
+SOURCE = "source"                        # the source model (source.checkpoint), whose place the EMA takes online
 _SOURCE_TEACHER = re.compile(r"^(source\d*)_votes$")
 
 
 def source_teacher_name(i: int) -> str:
     """The i-th source-model teacher: ``source`` (source.checkpoint), then ``source2``, ``source3``, …
     for ``source.extra_checkpoints``: the one place that spells these names."""
-    return "source" if i == 0 else f"source{i + 1}"
+    return SOURCE if i == 0 else f"{SOURCE}{i + 1}"
 
 
 def teacher_names(table) -> list[str]:
@@ -32,9 +33,9 @@ def teacher_names(table) -> list[str]:
     extra source models (``source.extra_checkpoints``: ``source2``, ``source3``, …). Each has a
     ``<name>_votes`` column and a distribution column (``lalm_soft``, ``<name>_probs``)."""
     columns = table.columns if hasattr(table, "columns") else table       # a DataFrame, or a batch's keys
-    extra = sorted((m.group(1) for m in map(_SOURCE_TEACHER.match, columns) if m and m.group(1) != "source"),
+    extra = sorted((m.group(1) for m in map(_SOURCE_TEACHER.match, columns) if m and m.group(1) != SOURCE),
                    key=lambda n: int(n[len("source"):]))
-    return [LALM, "source", *extra]
+    return [LALM, SOURCE, *extra]
 
 
 def draw_columns(name: str) -> tuple[str, str]:
@@ -76,7 +77,7 @@ def teachers_of(df: pd.DataFrame, num_classes: int, answers_used: int = 0, passe
 
 def fuse_kwargs(fusion_cfg) -> dict:
     """The per-clip part of a fusion config, as ``fusion.fuse`` takes it. Weights still to be fitted
-    on a dev split (``dev``, resolved by ``calibration.resolve``) are equal until they are."""
+    on a dev split (``dev``, resolved by ``calibration.fit_with_dev``) are equal until they are."""
     f = fusion_cfg
     weighting = "equal" if f.weighting == "dev" else f.weighting
     return dict(uncertainty=f.uncertainty, weighting=weighting, tau=f.tau, eps=f.eps,
@@ -87,12 +88,11 @@ def fuse_kwargs(fusion_cfg) -> dict:
 def fusion_prior(fusion_cfg, num_classes: int, batches=None):
     """The class prior balancing aims at: uniform (UAR weighs classes equally), given, or estimated
     as the mean of the teachers' plain average over the split."""
-    if fusion_cfg.prior == "given":
-        if len(fusion_cfg.prior_values) != num_classes:
-            raise ValueError(f"fusion.prior_values needs {num_classes} values with fusion.prior: given")
-        return np.asarray(fusion_cfg.prior_values, dtype=np.float64)
-    if fusion_cfg.prior == "estimated" and batches is not None:
-        from .fusion import _column_means
+    if fusion_cfg.balance_prior == "given":
+        if len(fusion_cfg.balance_prior_values) != num_classes:
+            raise ValueError(f"fusion.balance_prior_values needs {num_classes} values with fusion.balance_prior: given")
+        return np.asarray(fusion_cfg.balance_prior_values, dtype=np.float64)
+    if fusion_cfg.balance_prior == "estimated" and batches is not None:
         means, _ = _column_means(batches, lambda ts: [(np.asarray(q), np.isfinite(np.asarray(q)).all(1))
                                                        for q in [fuse(ts, weighting="equal").q]])
         if means:

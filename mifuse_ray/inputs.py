@@ -38,12 +38,14 @@ class Inputs:
 
 def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
     """Create the demo domains and source model if missing; return (target manifest, source checkpoint)."""
-    from .demo.domains import DOMAINS, ensure_domain
+    from .demo.domains import domain_named, ensure_domain
     from .train.source import train_source
     root = os.path.abspath(cfg.demo.root)
     for name in (cfg.demo.source_domain, cfg.demo.target_domain):
-        if name not in DOMAINS:
-            raise ConfigError(f"demo domain {name!r} unknown; choose from {sorted(DOMAINS)}")
+        try:
+            domain_named(name)
+        except KeyError as exc:
+            raise ConfigError(f"demo.source_domain / demo.target_domain: {exc.args[0]}") from None
     source_manifest = ensure_domain(cfg.demo.source_domain, root, cfg.demo.scale)
     target_manifest = ensure_domain(cfg.demo.target_domain, root, cfg.demo.scale)
     model_root = os.path.join(root, "source_models", f"{cfg.demo.source_domain}_x{cfg.demo.scale:g}")
@@ -109,9 +111,9 @@ def check_run(cfg: MiFuseConfig, inputs: Inputs) -> None:
     """The mistakes that need the inputs or the cluster to see, found before the first request."""
     from .fused_labels import LALM, source_teacher_name
     teachers = [LALM, *(source_teacher_name(i) for i in range(1 + len(cfg.source.extra_checkpoints)))]
-    if inputs.dev_df is None and cfg.train.select == "smoothed_dev":
-        raise ConfigError("train.select smoothed_dev needs a labelled dev split (dev_split); "
-                          "use train.select final, which needs none")
+    if inputs.dev_df is None and cfg.train.final_model == "smoothed_dev":
+        raise ConfigError("train.final_model smoothed_dev needs a labelled dev split (dev_split); "
+                          "use train.final_model final, which needs none")
     if cfg.fusion.weighting == "fixed" and len(cfg.fusion.fixed_weights) != len(teachers):
         raise ConfigError(f"fusion.fixed_weights needs {len(teachers)} weights ({', '.join(teachers)}) "
                           f"with fusion.weighting fixed; got {len(cfg.fusion.fixed_weights)}")

@@ -117,7 +117,7 @@ def _select_for_budget(ds, cfg: MiFuseConfig):
     stages that marks the clips to ask (``lalm_asked``). The choice needs every clip's uncertainty
     and embedding at once, so the source stage's outputs are materialised, without the audio
     (a few kB per clip instead of ~160 kB); the chosen clips are decoded again for the LALM."""
-    from .selection import budget_count, select_clips
+    from .query_budget import budget_count, select_clips
     from .data import decode_where
     if asks_every_clip(cfg):            # every clip: keep the pipeline streaming, no barrier
         return ds, None
@@ -176,10 +176,10 @@ def _ensure_every_clip(table: pd.DataFrame, target_df: pd.DataFrame) -> pd.DataF
 
 def estimate_spend(cfg: MiFuseConfig, target_df: pd.DataFrame) -> dict:
     """Upper bound of requests, audio seconds and cost for asking every clip (before the cache)."""
-    from .selection import budget_count
+    from .query_budget import budget_count
     clips = len(target_df)
     asked = budget_count(cfg.lalm.budget, clips, cfg.lalm.budget_clips)
-    from .lalm.client import PRESETS
+    from .lalm.presets import PRESETS
     preset = PRESETS.get(cfg.lalm.preset)
     use_n = preset.supports_n if cfg.lalm.use_n is None and preset else bool(cfg.lalm.use_n)
     per_clip = 1 if use_n else cfg.lalm.answers_per_clip

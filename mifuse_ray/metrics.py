@@ -58,11 +58,6 @@ def counting_unanswered_as_wrong(y_true, y_pred, num_classes: int) -> np.ndarray
     return np.where(y_pred >= 0, y_pred, (y_true + 1) % num_classes)
 
 
-def weighted_accuracy(y_true, y_pred) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
-
-
 def macro_f1(y_true, y_pred, num_classes: int) -> float:
     return macro_f1_from_confusion(confusion_matrix(y_true, y_pred, num_classes))
 

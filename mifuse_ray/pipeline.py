@@ -1,13 +1,17 @@
-"""The adaptation pipeline: label every split with both teachers, fuse, train, evaluate, report.
+"""The adaptation pipeline, the one path every job, Tune trial and benchmark goes through:
 
-``adapt(cfg)`` is the whole product. It starts the offline LALM stand-in when no real endpoint is
-named. A rerun with the same output reuses finished work: labels, cached LALM answers, checkpoints.
+    prepare(cfg) → label_run (both teachers on every split) → choose_split_fusion (on dev)
+                 → train_students → evaluate_run → write_report
+
+``adapt(cfg)`` is all of it. ``jobs/tune.py`` runs the first two once and each trial the last
+part (``tune.run_tune``), so a trial trains exactly what ``adapt`` trains at its settings. The
+offline LALM stand-in starts when no real endpoint is named. A rerun into the same output reuses
+finished work: labels, cached LALM answers, students (``reuse.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -15,8 +19,9 @@ import time
 
 import pandas as pd
 
+from . import reuse
 from .config import MiFuseConfig, to_dict
-from .console import quiet_ray, stage
+from .console import divert_native_logs, quiet_ray, stage
 from .inputs import Inputs, check_output_writable, prepare
 
 log = logging.getLogger("mifuse_ray")
@@ -40,8 +45,8 @@ def lalm_endpoint(cfg: MiFuseConfig):
 def check_lalm(cfg: MiFuseConfig, base_url: str) -> None:
     """Config, key and reachability checks: one clear error before any audio is sent."""
     import asyncio
-    from .lalm.client import preflight, resolve
-    resolved = resolve(cfg.lalm, cfg.labels, base_url)
+    from .lalm.client import preflight, resolve_endpoint
+    resolved = resolve_endpoint(cfg.lalm, cfg.labels, base_url)
     asyncio.run(preflight(resolved, timeout_s=min(cfg.lalm.timeout_s, 15.0)))
 
 
@@ -58,7 +63,7 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
                "lalm": result_fields(cfg.lalm), "source": source, "audio": result_fields(cfg.audio),
                "endpoint": "offline" if cfg.lalm.preset == "offline" and not cfg.lalm.base_url else base_url,
                "labels": cfg.labels}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return reuse.digest(payload)
 
 
 def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str,
@@ -68,8 +73,7 @@ def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint
     fingerprint = labeling_fingerprint(cfg, df, checkpoint, base_url)
     stage_dir = os.path.join(out_dir, name)
     path = os.path.join(stage_dir, "labels.parquet")
-    meta_path = os.path.join(stage_dir, "fingerprint.txt")
-    if os.path.exists(path) and os.path.exists(meta_path) and open(meta_path).read() == fingerprint:
+    if os.path.exists(path) and reuse.stamped(stage_dir, fingerprint):
         table = pd.read_parquet(path)       # draws reused; label_splits fuses them with this run's fusion
         summary = summarize(table, cfg.labels)
         summary["reused"] = True
@@ -77,8 +81,7 @@ def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint
     if cfg.lalm.cache_dir == "":
         cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out_dir, "lalm_cache")))
     result = label_target(cfg, df, stage_dir, checkpoint, base_url, limiter)
-    with open(meta_path, "w") as fh:
-        fh.write(fingerprint)
+    reuse.stamp(stage_dir, fingerprint)
     return result
 
 
@@ -89,18 +92,16 @@ def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
     """Both teachers on every split that exists, then one fusion for all of them.
 
     The adaptation split is what the student learns from; the labelled dev split calibrates and
-    chooses the fusion (``calibration.choose_fusion``); the test split scores the LALM and the fused
+    chooses the fusion (``choose_split_fusion``); the test split scores the LALM and the fused
     label beside the students. Each split's draws are reused when nothing that changes them has; the
     chosen fusion (fitted on the adaptation split) is written into every split's labels.parquet.
     Returns ({split: LabelingResult}, FusionChoice)."""
-    from .calibration import choose_fusion
     from .labeling import fused_again, request_limiter, summarize, write_parquet
     with request_limiter(cfg, inputs.labelled_clips()) as limiter:     # one cap for every split of the run
         results = {split: label_or_reuse(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split],
                                          limiter)
                    for split, df in inputs.splits().items()}
-    dev = results.get("dev")
-    choice = choose_fusion(results["adapt"].table, dev.table if dev else None, cfg.fusion, cfg.labels)
+    choice = choose_split_fusion(cfg, {split: res.table for split, res in results.items()})
     for split, res in results.items():
         fit = choice.fit if split == "adapt" else choice.fit_for(res.table, cfg.labels)
         res.table = fused_again(res.table, len(cfg.labels), choice.config, fit)
@@ -108,6 +109,62 @@ def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
         res.summary.update(summarize(res.table, cfg.labels))
     results["adapt"].summary["fusion"] = choice.summary()
     return results, choice
+
+
+def choose_split_fusion(cfg: MiFuseConfig, tables: dict[str, pd.DataFrame]):
+    """The fusion of ``cfg.fusion``, its dev-fitted parts fitted on the first half of the dev split's
+    labels (when there is one) and its global part on the adaptation split: what every student of
+    the run learns from, in ``adapt`` and in every Tune trial alike."""
+    from .calibration import choose_fusion
+    return choose_fusion(tables["adapt"], tables.get("dev"), cfg.fusion, cfg.labels)
+
+
+def label_run(cfg: MiFuseConfig, inputs: Inputs, out: str, spend: dict | None = None):
+    """The paid part of a run: the endpoint (or the offline stand-in), its checks before the first
+    request, the run record, then ``label_splits``. Returns what ``label_splits`` returns."""
+    from .runrecord import file_sha256, write_run_record
+    with lalm_endpoint(cfg) as base_url:
+        check_lalm(cfg, base_url)
+        write_run_record(cfg, out, {"target": inputs.target, "source_checkpoint": inputs.source_checkpoint,
+                                    "manifest_sha256": file_sha256(inputs.target),
+                                    "lalm_endpoint": base_url, "audio_sent_to": base_url,
+                                    "estimated_spend": spend})
+        return label_splits(cfg, inputs, out, base_url)
+
+
+def student_dev_half(dev_df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The half of the dev split a student run sees (its curve, the re-fusion gate, ``smoothed_dev``):
+    the other half chose the fusion (``calibration.dev_halves``), so no clip chooses both."""
+    if dev_df is None:
+        return None
+    from .calibration import dev_halves
+    return dev_df[dev_halves(dev_df)[1]].reset_index(drop=True)
+
+
+def student_runs(cfg: MiFuseConfig) -> dict[str, str]:
+    """{run name: train mode}: the shipped recipe (named ``mifuse`` whatever its mode) and, with
+    ``baselines``, every mode of ``baseline_modes``."""
+    runs = {"mifuse": cfg.train.mode}
+    if cfg.baselines:
+        runs.update({m: m for m in cfg.baseline_modes})
+    return runs
+
+
+def train_students(cfg: MiFuseConfig, tables: dict[str, pd.DataFrame], choice, dev_df: pd.DataFrame | None,
+                   source_checkpoint: str, out: str, runs: dict[str, str], report_to_tune: bool = False,
+                   progress: bool = True) -> dict:
+    """Each run of ``runs`` ({name: train mode}) on the adaptation split's labels, monitored on the
+    student's dev half. Returns {name: StudentResult}."""
+    from .train.student import train_student
+    students, student_dev = {}, student_dev_half(dev_df)
+    for index, (name, mode) in enumerate(runs.items()):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode))
+        with stage(f"training the {name} student ({cfg.train.epochs} epochs)", 5, 3) if progress \
+                else contextlib.nullcontext():
+            students[name] = train_student(run_cfg, tables["adapt"], student_dev, source_checkpoint, out,
+                                           run_name=name, choice=choice, dev_labels=tables.get("dev"),
+                                           report_to_tune=report_to_tune)
+    return students
 
 
 @dataclasses.dataclass
@@ -123,13 +180,12 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     from .evaluation import evaluate_run
     from .labeling import estimate_spend
     from .report import write_report
-    from .runrecord import file_sha256, write_run_record
-    from .train.student import train_student
 
     check_output_writable(cfg.output)
     out = os.path.abspath(cfg.output)
     log_path = quiet_ray(os.path.join(out, "logs"), cfg.verbose)
     if log_path:
+        divert_native_logs(log_path)
         print(f"Ray's own logs: {log_path} (--verbose shows them here)")
     times: dict[str, float] = {}
     t0 = time.time()
@@ -140,43 +196,26 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return AdaptResult(out, "", {"dry_run": spend}, times)
-    with lalm_endpoint(cfg) as base_url:
-        check_lalm(cfg, base_url)
-        write_run_record(cfg, out, {"target": inputs.target, "source_checkpoint": inputs.source_checkpoint,
-                                    "manifest_sha256": file_sha256(inputs.target),
-                                    "lalm_endpoint": base_url, "audio_sent_to": base_url,
-                                    "estimated_spend": spend})
-        t = time.time()
-        with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers, then fusion", 5, 2):
-            split_labels, choice = label_splits(cfg, inputs, out, base_url)
-        times["label"] = time.time() - t
-    adapt_labels, test_labels = split_labels["adapt"], split_labels.get("test")
-    dev_labels = split_labels["dev"].table if "dev" in split_labels else None
-    student_dev = None
-    if inputs.dev_df is not None:       # the half of the dev split that did not choose the fusion
-        from .calibration import dev_halves
-        student_dev = inputs.dev_df[dev_halves(inputs.dev_df)[1]].reset_index(drop=True)
-    runs = {"mifuse": cfg.train.mode}
-    if cfg.baselines:
-        runs.update({m: m for m in cfg.baseline_modes})
-    students = {}
-    for name, mode in runs.items():
-        t = time.time()
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode))
-        with stage(f"training the {name} student ({cfg.train.epochs} epochs)", 5, 3):
-            students[name] = train_student(run_cfg, adapt_labels.table, student_dev, inputs.source_checkpoint, out,
-                                           run_name=name, choice=choice, dev_labels=dev_labels)
-        times[f"train_{name}"] = time.time() - t
     t = time.time()
+    with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers, then fusion", 5, 2):
+        split_labels, choice = label_run(cfg, inputs, out, spend)
+    times["label"] = time.time() - t
+    tables = {split: res.table for split, res in split_labels.items()}
+    t = time.time()
+    students = train_students(cfg, tables, choice, inputs.dev_df, inputs.source_checkpoint, out, student_runs(cfg))
+    times.update({f"train_{name}": s.seconds for name, s in students.items()})
+    times["train"] = time.time() - t
+    t = time.time()
+    test_labels = split_labels.get("test")
     with stage("evaluating every model and teacher on the test split", 5, 4):
         results = evaluate_run(cfg, inputs, students, test_labels)
     times["evaluate"] = time.time() - t
-    results["labeling"] = adapt_labels.summary
+    results["labeling"] = split_labels["adapt"].summary
     results["labeling_test"] = test_labels.summary if test_labels else None
     results["estimated_spend"] = spend
     times["total"] = time.time() - t0
     with stage("writing the report", 5, 5):
-        report = write_report(cfg, out, results, times, adapt_labels.table, students)
+        report = write_report(cfg, out, results, times, split_labels["adapt"].table, students)
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"results": results, "stage_seconds": times, "config": to_dict(cfg)}, fh, indent=2, default=str)
     return AdaptResult(out, report, results, times)

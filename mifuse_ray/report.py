@@ -12,7 +12,7 @@ from .evaluation import compare, results_table
 
 TEACHERS_AND_LABELS = {"lalm_zero_shot": "the LALM (zero-shot)", "source_only": "the source model",
                        "fused_label": "the fused label"}
-# The adaptation split size the benchmark measured more target audio at (benchmarks/results/README.md,
+# The adaptation split size the benchmark measured more target audio at (docs/results.md,
 # 'More target audio'): below it, a student under its teachers or labels gets that measurement as advice.
 MEASURED_ADAPTATION_CLIPS = 1200
 
@@ -66,8 +66,8 @@ def verdict_lines(results: dict, num_classes: int) -> list[str]:
         if clips and clips < MEASURED_ADAPTATION_CLIPS:
             lines += ["", f"> It learnt from {clips} adaptation clips. More target audio is what moved students most "
                       f"in the benchmark: {MEASURED_ADAPTATION_CLIPS} clips instead of 300 (four times the speakers) "
-                      "lifted them on all six demo transfers, by 2 to 18 points, and on both held-out domains, by 1 "
-                      "and 7 (benchmarks/results/README.md, 'More target audio'). If you have more unlabelled target "
+                      "lifted them on all six demo transfers, by 2 to 18 points, and on both validation domains, by 1 "
+                      "and 7 (docs/results.md, 'More target audio'). If you have more unlabelled target "
                       "audio, add it to the manifest and rerun into the same output folder: the LALM answers already "
                       "paid for come from the response cache."]
     return lines
@@ -222,13 +222,13 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
              "`source_only` is the source model, `lalm_zero_shot` the argmax of the LALM's mean answer, "
              "`fused_label` the soft label itself (no training; its class balancing is fitted on these test clips, so "
              "it is scored as a set where the others are scored clip by clip); `<run>_student` / `<run>_ema` the "
-             "trained models (README 'Training modes' says what each run changes).", "", markdown_table(table),
+             "trained models (docs/configuration.md 'Training modes' says what each run changes).", "", markdown_table(table),
              "![confusion matrices](confusion_matrices.png)", "",
              *speaker_lines(results),
              "## Training", "",
              f"The final model of each run is its EMA teacher when it has one, else its student, at the "
-             f"{'last epoch' if cfg.train.select == 'final' else 'best 3-epoch mean of dev UAR'} "
-             "(train.select); dev UAR is measured on the half of the dev split that did not choose the fusion.",
+             f"{'last epoch' if cfg.train.final_model == 'final' else 'best 3-epoch mean of dev UAR'} "
+             "(train.final_model); dev UAR is measured on the half of the dev split that did not choose the fusion.",
              "", markdown_table(selection)]
     if has_curves:
         lines += ["![training curves](training.png)", ""]

@@ -14,7 +14,10 @@ DASHBOARD="${RAY_DASHBOARD:-http://127.0.0.1:8265}"
 
 if ! ray job list --address "$DASHBOARD" >/dev/null 2>&1; then
   echo "no Ray cluster at $DASHBOARD: starting a local head node (stop it with: $VENV_BIN/ray stop)"
-  ray start --head --dashboard-host 127.0.0.1 --num-cpus 8 --disable-usage-stats >/dev/null
+  # the raylet expects as many workers starting at once as the CPUs it declares (ray_utils.local_cluster_resources);
+  # without this it warns every driver that "8 PYTHON worker processes have been started"
+  RAY_worker_maximum_startup_concurrency=8 \
+    ray start --head --dashboard-host 127.0.0.1 --num-cpus 8 --disable-usage-stats >/dev/null
 fi
 
 # The job runs in a copy of this directory on the cluster: its interpreter is named by an

@@ -65,9 +65,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """Small versions of the demo domains (deterministic, generated once per session)."""
-    from mifuse_ray.demo.domains import DOMAINS, ensure_domain
+    from mifuse_ray.demo.domains import DEMO_DOMAINS, ensure_domain
     root = str(tmp_path_factory.mktemp("demo"))
-    for name in DOMAINS:
+    for name in DEMO_DOMAINS:
         ensure_domain(name, root, scale=TEST_SCALE)
     return root
 

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 
 from mifuse_ray.audio import (EMPTY, MISSING_FILE, NON_FINITE, RATE_TOO_LOW, SILENT, TOO_LONG, UNREADABLE,
-                              AudioConfig, AudioError, crop_or_pad, list_inputs, load_audio, probe)
+                              AudioConfig, AudioError, list_inputs, load_audio, probe)
 from mifuse_ray.data import decode_locally, expand_segments
 
 SR = 16000
@@ -95,10 +95,11 @@ def test_manifest_relative_paths_and_split(tmp_path):
         list_inputs(str(tmp_path / "missing.parquet"))
 
 
-def test_crop_or_pad():
-    x = np.arange(10, dtype=np.float32)
-    assert len(crop_or_pad(x, 4)) == 4 and crop_or_pad(x, 4)[0] == 3
-    assert crop_or_pad(x, 12)[-1] == 0
+def test_crop_batch_crops_long_clips_and_pads_short_ones():
+    from mifuse_ray.train.common import crop_batch
+    wav, lengths = crop_batch([np.arange(10, dtype=np.float32), np.ones(2, dtype=np.float32)], 4, None)
+    assert wav.shape == (2, 4) and lengths.tolist() == [4, 2]
+    assert wav[0].tolist() == [3, 4, 5, 6] and wav[1].tolist() == [1, 1, 0, 0]      # centre crop; zero padding
 
 
 def test_training_clips_come_in_manifest_order(ray_cluster, demo_root):

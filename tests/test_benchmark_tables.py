@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))          # the benchmarks package
 
 
 def _cells(rows):
@@ -15,7 +15,7 @@ def _cells(rows):
 
 
 def test_target_checks_margins_and_partial_systems():
-    from transfers import target_checks
+    from benchmarks.transfers import target_checks
     rows = []
     for seed in (0, 1):
         for transfer, shipped in (("a→b", 0.60), ("b→a", 0.50)):
@@ -37,7 +37,7 @@ def test_a_cell_finished_at_another_default_is_named_not_reused(tmp_path):
     import json
 
     from mifuse_ray.config import MiFuseConfig, to_dict
-    from transfers import changed_settings
+    from mifuse_ray.reuse import settings_changed as changed_settings
     cfg = MiFuseConfig()
     assert changed_settings(str(tmp_path), cfg) == ["no run.json"]
     (tmp_path / "run.json").write_text(json.dumps({"config": to_dict(cfg)}, default=str))
@@ -49,7 +49,7 @@ def test_a_cell_finished_at_another_default_is_named_not_reused(tmp_path):
 
 def test_a_cell_takes_its_labels_from_a_finished_main_cell_of_its_transfer(tmp_path):
     """The draws do not depend on the student's seed: any seed's finished main cell can lend them, its own first."""
-    from transfers import _labelled_main_cell
+    from benchmarks.transfers import _labelled_main_cell
     assert _labelled_main_cell(str(tmp_path), "a", "b", 0) is None
     for seed in (2, 1):
         cell = tmp_path / "a__b" / f"seed{seed}" / "main"
@@ -62,7 +62,7 @@ def test_a_cell_takes_its_labels_from_a_finished_main_cell_of_its_transfer(tmp_p
 
 
 def test_each_ablation_is_compared_with_the_main_setting_on_its_own_cells():
-    from transfers import ablation_table
+    from benchmarks.transfers import ablation_table
     rows = [("a→b", 0, "mifuse_ema", 0.60), ("b→a", 0, "mifuse_ema", 0.40)]
     df = _cells(rows)
     df = pd.concat([df, _cells([("a→b", 0, "mifuse_ema", 0.50)]).assign(variant="x=1"),
@@ -76,7 +76,7 @@ def test_each_ablation_is_compared_with_the_main_setting_on_its_own_cells():
 def test_speaker_normalised_scores_get_their_own_systems_and_target_checks(tmp_path):
     """A cell's test_by_speaker scores become systems with the _by_speaker suffix, and the targets are
     checked a second time among them, every system normalised alike; the per-clip checks are unchanged."""
-    from transfers import summarize
+    from benchmarks.transfers import summarize
 
     def m(u):
         return {"uar": u, "wa": u, "macro_f1": u}
@@ -100,17 +100,14 @@ def test_speaker_normalised_scores_get_their_own_systems_and_target_checks(tmp_p
 
 @pytest.mark.parametrize("name", ["call_centre", "voice_notes"])
 def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path, name):
-    """benchmarks/adapt_speakers.py: a target with 12 adaptation speakers holds every clip of the demo
-    (or held-out) domain, same audio and label in the same order (only the name in the ids differs), then
+    """demo.domains.with_adapt_speakers: a target with 12 adaptation speakers holds every clip of the demo
+    (or validation) domain, same audio and label in the same order (only the name in the ids differs), then
     6 new speakers."""
     import numpy as np
     import soundfile as sf
-    from adapt_speakers import ADAPT_SPEAKER_DOMAINS
-    from heldout import HELDOUT_DOMAINS
-    from mifuse_ray.demo.domains import DOMAINS, generate_domain
-    demo = pd.read_parquet(generate_domain({**DOMAINS, **HELDOUT_DOMAINS}[name], str(tmp_path / "demo"), scale=0.04))
-    more = pd.read_parquet(generate_domain(ADAPT_SPEAKER_DOMAINS[f"{name}_adapt12"], str(tmp_path / "more"),
-                                           scale=0.04))
+    from mifuse_ray.demo.domains import domain_named, generate_domain
+    demo = pd.read_parquet(generate_domain(domain_named(name), str(tmp_path / "demo"), scale=0.04))
+    more = pd.read_parquet(generate_domain(domain_named(f"{name}_adapt12"), str(tmp_path / "more"), scale=0.04))
     assert more.groupby("split")["speaker_id"].nunique().to_dict() == {"train": 8, "dev": 3, "test": 3, "adapt": 12}
     for a, b in zip(demo.itertuples(), more.itertuples()):
         assert (a.split, a.oracle_label) == (b.split, b.oracle_label)
@@ -120,10 +117,10 @@ def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path, 
 
 def test_student_bound_averages_transfers_within_a_seed_then_over_seeds(tmp_path, monkeypatch):
     """Rows of one recipe at several seeds: the mean over transfers per seed, then mean ± std over seeds."""
-    import scale
-    from student_bound import COLUMNS, summarize
-    monkeypatch.setattr(scale, "machine", lambda: "test machine")
-    monkeypatch.setattr(scale, "commit", lambda: "0000000")
+    from benchmarks import common
+    from benchmarks.student_bound import COLUMNS, summarize
+    monkeypatch.setattr(common, "machine", lambda: "test machine")
+    monkeypatch.setattr(common, "commit", lambda: "0000000")
     rows = [{"transfer": t, "labels": "fused", "init": "fresh", "epochs": 48, "seed": s, "student_test_uar": u,
              "student_dev_uar": 0.5, "fused_label_test_uar": 0.6, "lalm_test_uar": 0.5, "train_label_uar": 0.6,
              "clips": 300, "seconds": 1.0}
@@ -138,7 +135,7 @@ def test_head_probe_standardises_per_speaker_and_fits_a_balanced_linear_head():
     """benchmarks/head_probe.py: by-speaker standardisation removes each speaker's offset (what a
     per-clip model cannot), and the class-balanced linear head finds a minority class."""
     import numpy as np
-    from head_probe import fit_linear, standardised
+    from benchmarks.head_probe import fit_linear, standardised
     rng = np.random.default_rng(0)
     y = np.array([0] * 90 + [1] * 10)
     speaker = np.array(["a", "b"] * 50)
@@ -156,7 +153,7 @@ def test_head_probe_reinitialises_a_copy_of_the_head_by_seed():
     """head_probe.reinitialised: the source head's shape with fresh weights, the same for one seed, and
     the source head itself untouched (it is fine-tuned afterwards)."""
     import torch
-    from head_probe import reinitialised
+    from benchmarks.head_probe import reinitialised
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
     before = [p.detach().clone() for p in head.parameters()]
     fresh, again = reinitialised(head, 0), reinitialised(head, 0)
@@ -171,7 +168,7 @@ def test_balanced_scoring_balances_the_whole_set_and_tables_per_seed_then_over_s
     classes right is balanced over the set towards the prior (the fused label's footing), and an
     unanswered clip stays unanswered; balanced_scoring's tables average transfers within a seed first."""
     import numpy as np
-    from balanced_scoring import by_transfer, summary
+    from benchmarks.balanced_scoring import by_transfer, summary
     from mifuse_ray.config import MiFuseConfig
     from mifuse_ray.evaluation import balanced_over_clips
     cfg = MiFuseConfig()

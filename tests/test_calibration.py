@@ -54,11 +54,11 @@ def test_dev_without_lalm_answers_falls_back():
 
 def test_select_on_dev_picks_among_candidates_and_reports_each():
     adapt, dev = table(300, 5), table(120, 6)
-    cfg = dataclasses.replace(FusionConfig(), select_on_dev=True, calibrate=True,
+    cfg = dataclasses.replace(FusionConfig(), choose_on_dev=True, calibrate=True,
                               candidates=["mean_balanced", "lalm_balanced"])
     choice = choose_fusion(adapt, dev, cfg, LABELS)
     assert choice.name in ("mean_balanced", "lalm_balanced")
-    assert {"mean_balanced", "lalm_balanced", "mifuse_paper", "lalm", "source"} <= set(choice.dev_scores)
+    assert {"mean_balanced", "lalm_balanced", "paper", "lalm", "source"} <= set(choice.dev_scores)
     assert len(choice.fit.temperatures) == 2
 
 

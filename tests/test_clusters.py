@@ -5,7 +5,8 @@ import shlex
 import yaml
 
 from conftest import REPO
-from mifuse_ray.config import MiFuseConfig, apply_overrides, flatten
+from mifuse_ray.config import MiFuseConfig
+from mifuse_ray.overrides import apply_overrides, flatten
 
 CLUSTERS = os.path.join(REPO, "clusters")
 
@@ -58,3 +59,20 @@ def test_every_cluster_runs_with_token_auth():
                                                                            "worker_start_ray_commands"))
     for name in os.listdir(CLUSTERS):
         assert "RAY_AUTH_MODE=disabled" not in open(os.path.join(CLUSTERS, name)).read()
+
+
+def test_example_configs_parse_and_say_how_to_run_them():
+    """configs/: one YAML per use, each valid, its command in its header; the demo's is the defaults."""
+    from mifuse_ray.config import result_fields
+    from mifuse_ray.overrides import load_yaml
+    examples = sorted(os.listdir(os.path.join(REPO, "configs")))
+    assert {"demo.yaml", "vllm_qwen2_audio.yaml", "hosted_openai.yaml"} <= set(examples)
+    for name in examples:
+        path = os.path.join(REPO, "configs", name)
+        header = [line for line in open(path) if line.startswith("#")]
+        assert any(f"python jobs/adapt.py --config configs/{name}" in line for line in header), name
+        cfg = apply_overrides(MiFuseConfig(), load_yaml(path))
+        if name == "demo.yaml":
+            assert result_fields(cfg) == result_fields(MiFuseConfig())
+        else:
+            assert cfg.lalm.preset != "offline" and cfg.lalm.allow_remote_audio and cfg.source.checkpoint

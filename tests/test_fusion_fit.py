@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from mifuse_ray.fusion import VARIANTS, fit_fusion, fit_temperatures, fuse, teacher_stats, temper
+from mifuse_ray.fusion import VARIANTS, fuse, teacher_stats, temper
+from mifuse_ray.fusion_fit import fit_fusion, fit_temperatures
 
 C = 4
 
@@ -153,7 +154,7 @@ def test_speaker_balancing_removes_what_is_constant_to_a_speaker():
     """Each speaker pulls the teacher towards one class (a high voice heard as happy in every clip):
     balancing within speakers gives each speaker the prior as marginal and recovers the classes;
     a speaker under ``min_clips`` and clips without a speaker are left as they were."""
-    from mifuse_ray.fusion import rescale_by_speaker, speaker_scales
+    from mifuse_ray.fusion_fit import rescale_by_speaker, speaker_scales
     rng = np.random.default_rng(5)
     n_speakers, per = 6, 80
     y = rng.integers(0, C, n_speakers * per)

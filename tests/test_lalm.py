@@ -8,7 +8,7 @@ from mifuse_ray.audio import encode_wav
 from mifuse_ray.config import ConfigError, LALMConfig
 from mifuse_ray.label_set import DEFAULT_LABELS, DEFAULT_SYNONYMS
 from mifuse_ray.lalm.cache import ResponseCache
-from mifuse_ray.lalm.client import LALMAuthError, LALMClient, preflight, resolve
+from mifuse_ray.lalm.client import LALMAuthError, LALMClient, preflight, resolve_endpoint
 from mifuse_ray.lalm.parsing import logprob_distribution, parse_answer
 from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
 
@@ -16,10 +16,10 @@ SECRET = "sk-test-SECRET-do-not-leak-123"
 
 
 def wave(seed=0, seconds=1.0):
-    from mifuse_ray.demo.domains import DOMAINS, sample_prosody
+    from mifuse_ray.demo.domains import DEMO_DOMAINS, sample_prosody
     from mifuse_ray.demo.synth import Speaker, synthesize_utterance
     rng = np.random.default_rng(seed)
-    return synthesize_utterance(sample_prosody(DOMAINS["acted_studio"], seed % 4, rng),
+    return synthesize_utterance(sample_prosody(DEMO_DOMAINS["acted_studio"], seed % 4, rng),
                                 Speaker(150, 1.0, 1.0, 0.0), seconds, 16000, rng)
 
 
@@ -32,7 +32,7 @@ def run(coro):
 
 
 async def ask_all(server_url, cfg, clips, n, cache_dir=None, key_env=None):
-    lalm = resolve(cfg, DEFAULT_LABELS, server_url)
+    lalm = resolve_endpoint(cfg, DEFAULT_LABELS, server_url)
     cache = ResponseCache(cache_dir) if cache_dir else None
     async with LALMClient(lalm, cache) as client:
         return await asyncio.gather(*(client.ask(c, n) for c in clips)), client
@@ -127,13 +127,13 @@ def test_401_is_reported_clearly_and_key_never_leaks(tmp_path, monkeypatch, capl
         monkeypatch.setenv("MY_KEY", "wrong-key")
         cfg = LALMConfig(api_key_env="MY_KEY")
         with pytest.raises(LALMAuthError, match="MY_KEY"):
-            run(preflight(resolve(cfg, DEFAULT_LABELS, server.url)))
+            run(preflight(resolve_endpoint(cfg, DEFAULT_LABELS, server.url)))
         (res,), _ = run(ask_all(server.url, cfg, [clip()], 2, str(tmp_path / "c")))
         assert res.error and "http_401" in res.error
         monkeypatch.setenv("MY_KEY", SECRET)
         (ok,), _ = run(ask_all(server.url, cfg, [clip()], 2, str(tmp_path / "c")))
         assert ok.error is None
-        assert SECRET not in repr(resolve(cfg, DEFAULT_LABELS, server.url))
+        assert SECRET not in repr(resolve_endpoint(cfg, DEFAULT_LABELS, server.url))
     blob = caplog.text + "".join(p.read_text() for p in (tmp_path / "c").rglob("*.json"))
     assert SECRET not in blob
 
@@ -141,13 +141,13 @@ def test_401_is_reported_clearly_and_key_never_leaks(tmp_path, monkeypatch, capl
 def test_remote_endpoint_needs_opt_in_and_key(monkeypatch):
     monkeypatch.delenv("MIFUSE_LALM_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="allow_remote_audio"):
-        resolve(LALMConfig(preset="openai"), DEFAULT_LABELS)
+        resolve_endpoint(LALMConfig(preset="openai"), DEFAULT_LABELS)
     with pytest.raises(ConfigError, match="MIFUSE_LALM_API_KEY"):
-        resolve(LALMConfig(preset="openai", allow_remote_audio=True), DEFAULT_LABELS)
+        resolve_endpoint(LALMConfig(preset="openai", allow_remote_audio=True), DEFAULT_LABELS)
 
 
 def test_unreachable_endpoint_is_one_clear_error():
-    lalm = resolve(LALMConfig(), DEFAULT_LABELS, "http://127.0.0.1:9/v1")
+    lalm = resolve_endpoint(LALMConfig(), DEFAULT_LABELS, "http://127.0.0.1:9/v1")
     with pytest.raises(ConnectionError, match="cannot reach the LALM endpoint"):
         run(preflight(lalm, timeout_s=2))
 

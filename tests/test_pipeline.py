@@ -22,9 +22,9 @@ def plain(column):
 
 
 def test_demo_generation_is_deterministic(tmp_path):
-    from mifuse_ray.demo.domains import DOMAINS, generate_domain
+    from mifuse_ray.demo.domains import DEMO_DOMAINS, generate_domain
     import dataclasses
-    small = dataclasses.replace(DOMAINS["call_centre"], speakers_per_split={"train": 1, "adapt": 1},
+    small = dataclasses.replace(DEMO_DOMAINS["call_centre"], speakers_per_split={"train": 1, "adapt": 1},
                                 clips_per_speaker=3)
     a = pd.read_parquet(generate_domain(small, str(tmp_path / "a")))
     b = pd.read_parquet(generate_domain(small, str(tmp_path / "b")))
@@ -144,7 +144,7 @@ def test_lalm_budget_asks_only_the_selected_clips(ray_cluster, source_model, dem
     they are sent, the rest are fused from the source teacher alone, and the choice is exactly what
     select_clips makes of the stored source draws and embeddings."""
     from mifuse_ray.labeling import label_target, selection_uncertainty
-    from mifuse_ray.selection import select_clips
+    from mifuse_ray.query_budget import select_clips
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(24)
     cfg = MiFuseConfig()
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.lalm.budget = 2, 4, 0.25

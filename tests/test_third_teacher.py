@@ -77,7 +77,8 @@ def test_a_third_teacher_through_labelling_and_training(ray_cluster, source_mode
     from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
     from mifuse_ray.labeling import label_target
     from mifuse_ray.models.cnn import LogMelCNN
-    from mifuse_ray.train.student import train_student, training_table
+    from mifuse_ray.train.labels import training_table
+    from mifuse_ray.train.student import train_student
     torch.manual_seed(1)
     second = str(tmp_path / "second_source")
     LogMelCNN().save(second)

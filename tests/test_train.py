@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mifuse_ray.config import MiFuseConfig
-from mifuse_ray.fusion import OnlineBalance
+from mifuse_ray.fusion_fit import OnlineBalance
 from mifuse_ray.train.ema import EMATeacher, decay_from_half_life, ema_decay_at
 from mifuse_ray.train.losses import diversity_kl, information_maximization, soft_label_kl
 
@@ -184,6 +184,7 @@ def test_two_worker_ddp_ends_with_identical_weights(small_labels, source_model, 
     table, dev = small_labels
     res = train_student(tiny_cfg(num_workers=2), table, dev, source_model, str(tmp_path), run_name="ddp")
     assert len(res.history) == 2
+    assert all(h["process_group_size"] == 2 for h in res.history)       # two ranks really trained together
     assert all(h["weights_rank_spread"] == 0.0 for h in res.history)
     assert os.path.exists(os.path.join(res.student_dir, "mifuse_model.json"))
     assert os.listdir(os.path.join(tmp_path, "tensorboard", "ddp"))
@@ -205,7 +206,8 @@ def test_resume_restores_step_and_optimizer_state(uninterrupted_run, source_mode
     from mifuse_ray.models.base import load_model
     from mifuse_ray.train.common import lr_schedule
     from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import _load_checkpoint, learning_rate_groups, trained_parameters
+    from mifuse_ray.train.checkpoint import load_checkpoint
+    from mifuse_ray.train.loop import learning_rate_groups, trained_parameters
     run, out, cfg = uninterrupted_run
     runs = os.path.join(out, "_ray_train", "clean")
     ckpts = [os.path.join(runs, d) for d in os.listdir(runs) if d.startswith("checkpoint_")
@@ -221,7 +223,7 @@ def test_resume_restores_step_and_optimizer_state(uninterrupted_run, source_mode
     sched = lr_schedule(opt, 100, 0.1)
     balances = {"ema": OnlineBalance([0.25] * 4), "fused": OnlineBalance([0.25] * 4),
                 "consistency": OnlineBalance([0.25] * 4)}
-    step, epoch, history = _load_checkpoint(latest, student, ema, opt, sched, balances)
+    step, epoch, history = load_checkpoint(latest, student, ema, opt, sched, balances)
     assert (step, epoch) == (state["step"], 2)
     assert history == run.history                                    # the metrics so far travel with it
     assert opt.state_dict()["state"][0]["step"].item() == step       # Adam moments restored, not zero
@@ -323,12 +325,14 @@ def test_lora_student_with_distillation_terms(small_labels, tiny_hf_dir, tmp_pat
 def _cpu_run(cfg, student, model=None, lr=0.0, train_shard=None):
     """A one-worker training state without Ray: what ``_setup`` builds, for the step-level tests."""
     from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import LoopInputs, _initial_balances, _Run
-    inp = LoopInputs(cfg, MODES["mifuse"], "", 4, [0.25] * 4, cfg.fusion, None, None, "")
+    from mifuse_ray.fused_labels import LALM, SOURCE
+    from mifuse_ray.train.loop import LoopInputs, _Run
+    from mifuse_ray.train.refusion import initial_balances
+    inp = LoopInputs(cfg, MODES["mifuse"], "", 4, [0.25] * 4, cfg.fusion, None, None, [LALM, SOURCE], "")
     opt = torch.optim.SGD(student.parameters(), lr=lr)
     return _Run(inp, student, model or student, EMATeacher(student, 0.9), opt,
                 torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(student.parameters()), torch.device("cpu"),
-                0, 1, 0, 0, [], _initial_balances(inp), None, None, train_shard, None)
+                0, 1, 0, 0, [], initial_balances(inp), None, None, train_shard, None)
 
 
 def _noise_batch(rng, n=4):
@@ -343,7 +347,7 @@ def test_batchnorm_statistics_stay_frozen_or_follow_the_target(batchnorm):
     import dataclasses
 
     from mifuse_ray.models.cnn import LogMelCNN
-    from mifuse_ray.train.student import _train_epoch
+    from mifuse_ray.train.loop import _train_epoch
 
     class Shard:
         def iter_batches(self, **kw):
@@ -375,7 +379,7 @@ def test_a_head_only_student_keeps_the_source_trunk(mode, trainable):
 
     from mifuse_ray.models.cnn import LogMelCNN
     from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import _train_epoch, trained_parameters
+    from mifuse_ray.train.loop import _train_epoch, trained_parameters
 
     class Shard:
         def iter_batches(self, **kw):
@@ -408,7 +412,7 @@ def test_the_head_learns_at_train_head_lr_and_the_trunk_at_train_lr(mode, traina
     from mifuse_ray.models.base import load_model
     from mifuse_ray.models.cnn import LogMelCNN
     from mifuse_ray.train.modes import MODES
-    from mifuse_ray.train.student import learning_rate_groups, trained_parameters
+    from mifuse_ray.train.loop import learning_rate_groups, trained_parameters
 
     for student, head_prefixes in ((LogMelCNN(channels=(4, 4), embed_dim=8), ("head_net.",)),
                                    (load_model(tiny_hf_dir), ("model.projector.", "model.classifier."))):
@@ -430,7 +434,7 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(setting):
     import dataclasses
 
     from mifuse_ray.models.cnn import LogMelCNN
-    from mifuse_ray.train.student import _step
+    from mifuse_ray.train.loop import _step
 
     cfg = MiFuseConfig()
     cfg.train = dataclasses.replace(cfg.train, augment=False, consistency_threshold=0.0,
@@ -467,9 +471,9 @@ def test_consistency_step_learns_the_labels_on_the_weak_view(setting):
 
 
 def test_readme_training_modes_table_matches_the_modes():
-    """README 'Training modes' is written by hand from train/modes.py: every flag there must agree."""
+    """docs/configuration.md 'Training modes' is written by hand from train/modes.py: every flag must agree."""
     from mifuse_ray.train.modes import MODES
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")).read()
     section = readme.split("### Training modes", 1)[1].split("\n### ", 1)[0]
     header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
                      if line.startswith("| `")]           # the header's first cell is `train.mode` too

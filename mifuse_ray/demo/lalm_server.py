@@ -149,24 +149,15 @@ class StandinLALM:
         if not audio:
             return web.json_response({"error": {"message": "no input_audio content part", "type": "invalid_request_error"}},
                                      status=400)
-        fault = None
-        if self.cfg.fail_rate > 0 and self.rng.random() < self.cfg.fail_rate:
-            kinds = list(self.cfg.fault_mix)
-            weights = np.array([self.cfg.fault_mix[k] for k in kinds], dtype=float)
-            fault = kinds[int(self.rng.choice(len(kinds), p=weights / weights.sum()))]
-            self._count_fault(fault)
+        fault = self._draw_fault()
         delay = self.cfg.latency_s + (self.rng.uniform(0, self.cfg.latency_jitter_s) if self.cfg.latency_jitter_s else 0)
         if delay > 0:
             await asyncio.sleep(delay)
-        if fault == "429":
-            return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit_error"}},
-                                     status=429, headers={"Retry-After": f"{self.cfg.retry_after_s:g}"})
-        if fault == "500":
-            return web.json_response({"error": {"message": "internal error", "type": "server_error"}}, status=500)
         if fault == "timeout":
             await asyncio.sleep(self.cfg.hang_s)
-        if fault == "malformed":
-            return web.Response(text='{"id": "chatcmpl-broken", "choices": [', content_type="application/json")
+        failed = self._fault_response(fault)
+        if failed is not None:
+            return failed
         try:
             p = await asyncio.get_running_loop().run_in_executor(None, self._scores, audio) \
                 if not self.cfg.benchmark else self._scores(audio)
@@ -194,6 +185,27 @@ class StandinLALM:
             "id": f"chatcmpl-{self.stats['requests']}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", MODEL_NAME), "choices": choices,
             "usage": {"prompt_tokens": 100, "completion_tokens": 4 * n, "total_tokens": 100 + 4 * n}})
+
+    def _draw_fault(self) -> str | None:
+        """The injected fault of this request (``fail_rate``, ``fault_mix``), or None."""
+        if not (self.cfg.fail_rate > 0 and self.rng.random() < self.cfg.fail_rate):
+            return None
+        kinds = list(self.cfg.fault_mix)
+        weights = np.array([self.cfg.fault_mix[k] for k in kinds], dtype=float)
+        fault = kinds[int(self.rng.choice(len(kinds), p=weights / weights.sum()))]
+        self._count_fault(fault)
+        return fault
+
+    def _fault_response(self, fault: str | None) -> web.Response | None:
+        """The response an injected fault answers with instead of a completion (None: answer)."""
+        if fault == "429":
+            return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit_error"}},
+                                     status=429, headers={"Retry-After": f"{self.cfg.retry_after_s:g}"})
+        if fault == "500":
+            return web.json_response({"error": {"message": "internal error", "type": "server_error"}}, status=500)
+        if fault == "malformed":
+            return web.Response(text='{"id": "chatcmpl-broken", "choices": [', content_type="application/json")
+        return None
 
     def _check_key(self, request: web.Request) -> web.Response | None:
         if self.cfg.api_key and request.headers.get("Authorization", "") != f"Bearer {self.cfg.api_key}":

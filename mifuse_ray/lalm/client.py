@@ -26,25 +26,10 @@ from ..config import ConfigError, LALMConfig
 from .cache import ResponseCache, cache_key
 from .limits import RateLimiter, RetryBudget, SpendCapReached
 from .parsing import logprob_distribution, parse_answer
+from .presets import PRESETS
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Preset:
-    model: str
-    base_url: str
-    supports_n: bool
-    logprobs: bool
-
-
-PRESETS: dict[str, Preset] = {
-    "offline": Preset("mifuse-standin-lalm", "", True, True),
-    "vllm-qwen2-audio": Preset("Qwen/Qwen2-Audio-7B-Instruct", "http://127.0.0.1:8000/v1", True, True),
-    "vllm-qwen2.5-omni": Preset("Qwen/Qwen2.5-Omni-7B", "http://127.0.0.1:8000/v1", True, True),
-    "openai": Preset("gpt-4o-audio-preview", "https://api.openai.com/v1", False, False),
-    "gemini": Preset("gemini-2.5-flash", "https://generativelanguage.googleapis.com/v1beta/openai", False, False),
-}
 
 DEFAULT_PROMPT = ("Listen to the speech clip and classify the speaker's emotion. "
                   "Answer with exactly one word from this list: {labels}.")
@@ -105,7 +90,7 @@ class ResolvedLALM:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
-def resolve(cfg: LALMConfig, labels, base_url: str = "", api_key: Secret | None = None) -> ResolvedLALM:
+def resolve_endpoint(cfg: LALMConfig, labels, base_url: str = "", api_key: Secret | None = None) -> ResolvedLALM:
     """The preset applied and the key taken from ``api_key`` (forwarded by the driver) or else from
     this process's environment."""
     if cfg.preset not in PRESETS:
@@ -342,5 +327,5 @@ def _error_message(text: str) -> str:
         return text[:200]
 
 
-__all__ = ["LALMClient", "ResolvedLALM", "resolve", "preflight", "PRESETS", "SpendCapReached", "LALMAuthError",
+__all__ = ["LALMClient", "ResolvedLALM", "resolve_endpoint", "preflight", "PRESETS", "SpendCapReached", "LALMAuthError",
            "is_loopback", "ClipAnswers"]

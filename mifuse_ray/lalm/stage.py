@@ -11,7 +11,7 @@ import pandas as pd
 from ..audio import encode_wav
 from ..config import LALMConfig
 from .cache import ResponseCache
-from .client import LALMClient, Secret, SpendCapReached, resolve
+from .client import LALMClient, Secret, SpendCapReached, resolve_endpoint
 from .limits import RateLimiter
 
 LIMITER_ACTOR = "mifuse_lalm_limiter"
@@ -25,7 +25,7 @@ class LALMStage:
                  limiter_actor: str = "", max_requests: int = 0, api_key: Secret | None = None):
         # The driver forwards its key (workers of a cluster it joined do not share its environment);
         # without one, the key is read from this worker's environment (a cluster-wide secret).
-        self.lalm = resolve(cfg, labels, base_url, api_key)
+        self.lalm = resolve_endpoint(cfg, labels, base_url, api_key)
         self.cfg, self.labels, self.sample_rate = cfg, list(labels), sample_rate
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.limiter_actor, self.max_requests = limiter_actor, max_requests

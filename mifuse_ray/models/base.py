@@ -122,6 +122,3 @@ def load_model(directory: str, dropout_override: float | None = None, labels=Non
                 module.p = dropout_override
     return model
 
-
-def save_model(model: SERModel, directory: str, extra: dict | None = None) -> None:
-    model.save(directory, extra)

@@ -60,11 +60,6 @@ def mc_seeds(base_seed: int, clip_ids, passes: int) -> torch.Tensor:
     return torch.tensor([[mc_seed(base_seed, c, k) for k in range(passes)] for c in clip_ids], dtype=torch.int64)
 
 
-class _SeededDropoutState:
-    def __init__(self):
-        self.row_seeds: torch.Tensor | None = None
-
-
 @contextlib.contextmanager
 def mc_dropout(model: nn.Module, row_seeds: torch.Tensor | None, p_override: float | None = None,
                modules: list[nn.Module] | None = None):

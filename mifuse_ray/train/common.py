@@ -217,3 +217,23 @@ def running_statistics_kept(model: torch.nn.Module):
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+def process_group_size() -> int:
+    """Ranks in the torch.distributed process group (1 without one): a DDP run proves it ran as one group."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def weights_rank_spread(model) -> float:
+    """max − min over DDP ranks of a parameter checksum: 0 when every rank holds the same weights."""
+    import torch.distributed as dist
+    checksum = sum(float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().abs().sum())
+                   for p in model.parameters())
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    hi = torch.tensor([checksum], dtype=torch.float64)
+    lo = hi.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float(hi - lo)

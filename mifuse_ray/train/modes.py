@@ -1,7 +1,7 @@
 """Every way a student can be trained, in one table: what each mode learns from and what it keeps.
 
 A baseline differs from the shipped recipe only in the fields of its row; the training loop
-reads the row and never compares mode names. README 'Training modes' prints this table.
+reads the row and never compares mode names. docs/configuration.md 'Training modes' prints this table.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ MODES: dict[str, Mode] = {
                    about="the shipped recipe: balanced, dev-chosen fused labels learnt with mixup, an EMA teacher "
                          "(consistency to it when train.consistency_weight > 0), online re-fusion once the EMA "
                          "beats the labels on dev"),
-    "mifuse_paper": Mode("mifuse_paper", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
+    "mifuse_paper": Mode("paper", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
                          about="MI-Fuse as the paper describes it: uncertainty-weighted labels, EMA re-fusion"),
     "lalm_labels": Mode("lalm", "soft_label", ema=False, consistency=False, online_fusion=False,
                         about="student on the LALM's own answers (the paper's strongest baseline)"),
     "source_labels": Mode("source", "soft_label", ema=False, consistency=False, online_fusion=False,
                           about="student on the source model's own pseudo-labels"),
-    "equal_weights": Mode("equal", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
+    "equal_weights": Mode("equal_mean", "soft_label", ema=True, consistency=False, online_fusion=True, mixup=False,
                           about="the paper's recipe with w = 0.5 instead of uncertainty weights (ablation)"),
     "no_ema": Mode("chosen", "soft_label", ema=False, consistency=False, online_fusion=False,
                    about="the shipped labels, fixed, without any EMA teacher (ablation)"),
@@ -41,13 +41,6 @@ MODES: dict[str, Mode] = {
                     mixup=False,
                     about="SHOT-IM: entropy minimisation + diversity, classifier frozen, no labels"),
 }
-
-
-def mode_table() -> list[dict]:
-    """The table as rows (for the README and the report)."""
-    return [{"mode": name, "labels": m.labels or "none", "loss": m.loss, "EMA": m.ema,
-             "consistency": m.consistency, "re-fusion": m.online_fusion, "mixup": m.mixup,
-             "frozen": ", ".join(m.frozen) or "-", "what": m.about} for name, m in MODES.items()]
 
 
 def head_only(mode: Mode, trainable: str) -> bool:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mifuse_ray.selection import budget_count, k_center_greedy, select_clips
+from mifuse_ray.query_budget import budget_count, k_center_greedy, select_clips
 
 
 def test_budget_count():

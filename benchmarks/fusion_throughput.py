@@ -1,20 +1,18 @@
 """Fusion throughput: clips/s fusing 1M clips (N=5 LALM answers, K=10 MC passes, 4 classes) on one core.
 
-    python benchmarks/fusion.py [--clips 1000000]
+    python -m benchmarks.fusion_throughput [--clips 1000000]
 
 Compares the library's fusion (vote-entropy lookup table, float32) with the direct numpy
 version a reader would write first (per-draw one-hot, log of every histogram entry, float64).
 """
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def direct_numpy(lalm_votes, src_probs, src_votes, C, tau=0.5):
