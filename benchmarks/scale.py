@@ -1,6 +1,6 @@
 """Scale: labelling and one student epoch at N = 1k, 10k and 50k clips, with memory, on this machine.
 
-    python -m benchmarks.scale [--sizes 1000 10000 50000] [--work /tmp/mifuse_scale]
+    python -m benchmarks.scale [--sizes 1000 10000 50000] [--work outputs/benchmarks/scale]
 
 Clips: the demo's call_centre adaptation clips written again with a random gain of ±1 dB each
 (cycled, so N clips are N distinct files and N distinct LALM cache keys). Settings, chosen to
@@ -32,7 +32,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import commit, machine
+from benchmarks.common import commit, machine, runs_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale", "scale.csv")
@@ -210,7 +210,7 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--materialize-up-to", type=int, default=10000,
                    help="largest N for the decode-once comparison (it holds all audio in the object store)")
-    p.add_argument("--work", default="/tmp/mifuse_scale", help="clips, labels and caches (GBs at 50k)")
+    p.add_argument("--work", default=runs_dir("scale"), help="clips, labels and caches (GBs at 50k)")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)

@@ -27,9 +27,16 @@ STAMP = "reuse.json"
 
 
 def digest(payload) -> str:
-    """SHA-256 of a JSON-able payload (numpy arrays rounded to 6 digits, so float noise does not count)."""
-    text = json.dumps(payload, sort_keys=True, default=lambda o: np.asarray(o).round(6).tolist())
+    """SHA-256 of a JSON-able payload: numpy arrays and scalars rounded to 6 digits (float noise does not
+    count), anything else JSON cannot write by its ``str``."""
+    text = json.dumps(payload, sort_keys=True, default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value).round(6).tolist() if np.asarray(value).dtype.kind in "fc" else value.tolist()
+    return str(value)
 
 
 def stamp(directory: str, fingerprint: str, **extra) -> None:

@@ -94,7 +94,7 @@ def run_tune(cfg: MiFuseConfig, tables: dict, dev_df, source_checkpoint: str, ou
                                     max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(storage_path=os.path.abspath(os.path.join(out_dir, "_ray_tune")), name="search",
                                   verbose=0, callbacks=[TrialLines(metric)]))
-    results = tuner.fit()
+    results = _quietly(tuner.fit)
     df = results.get_dataframe()
     keep = [c for c in df.columns if c.startswith("config/") or c in (metric, "dev_uar", "ema_dev_uar", "epoch",
                                                                        "trial_id", "train_agreement")]
@@ -126,6 +126,20 @@ class TrialLines(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
         print(f"trial {self.done} ({trial.trial_id}) failed: see {trial.local_path or 'the Tune folder'}", flush=True)
+
+
+def _quietly(fit):
+    """Run Tune with its console output off: Tune's newer output engine prints an experiment box and
+    paths even at ``verbose=0``, the legacy reporter prints nothing there. ``TrialLines`` is the console."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        return fit()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT")
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _searcher(search_alg: str):

@@ -25,6 +25,11 @@ def run_job(args, env_extra=None, timeout=900):
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cached_answers(out: str) -> int:
+    """LALM answers in a run's response cache (one object per paid answer)."""
+    return sum(len(files) for _, _, files in os.walk(os.path.join(out, "lalm_cache")))
+
+
 @pytest.fixture(scope="module")
 def adapt_run(ray_cluster, source_model, demo_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adapt"))
@@ -113,15 +118,13 @@ def test_rerun_reuses_labels_answers_and_checkpoints(adapt_run):
     """A rerun of the same command pays for no answer and trains no student again."""
     out, args, _ = adapt_run
     model = os.path.join(out, "models", "mifuse", "ema", "model.safetensors")
-    cache = os.path.join(out, "lalm_cache")
-    answers = lambda: sum(len(files) for _, _, files in os.walk(cache))        # noqa: E731
-    model_written, answers_before = os.stat(model).st_mtime_ns, answers()
+    model_written, answers_before = os.stat(model).st_mtime_ns, cached_answers(out)
     assert answers_before > 0
     again = run_job(args)
     assert again.returncode == 0, again.stderr[-3000:]
     results = json.load(open(os.path.join(out, "results.json")))["results"]
     assert results["labeling"].get("reused") is True
-    assert answers() == answers_before                                   # no new answer was asked for
+    assert cached_answers(out) == answers_before                         # no new answer was asked for
     assert os.stat(model).st_mtime_ns == model_written                   # the student was not trained again
 
 
@@ -254,26 +257,33 @@ def test_readme_job_submit_script_runs_the_demo_with_auth_on(ray_cluster, adapt_
     assert os.path.exists(os.path.join(out, "report.md"))
 
 
-def test_tune_trial_trains_what_adapt_trains(adapt_run):
-    """Tune goes through the adapt job's pipeline: a trial at the adapt run's settings fuses the same
-    labels with the same dev-fitted fusion and trains the same student (the student's reuse
+def test_tune_trial_trains_what_adapt_trains(adapt_run, tmp_path):
+    """jobs/tune.py goes through the adapt job's pipeline: a trial at the adapt run's settings fuses the
+    same labels with the same dev-fitted fusion and trains the same student (the student's reuse
     fingerprint hashes its fused labels, fusion fit, settings and dev clips); another trial differs;
-    best_config.json is a config file that reproduces the best trial's settings."""
+    best_config.json is a config file that reproduces the best trial's settings. The console shows one
+    line per finished trial and the table, nothing from Ray's workers or Tune's status tables."""
+    import yaml
     from mifuse_ray.cli import parse_config, parser
     from mifuse_ray.config import result_fields
-    from mifuse_ray.overrides import config_from_args
-    from mifuse_ray.inputs import prepare
-    from mifuse_ray.pipeline import label_run
     from mifuse_ray.reuse import STAMP
-    from mifuse_ray.tune import run_tune, trial_config
+    from mifuse_ray.tune import trial_config
     out, args, _ = adapt_run
-    cfg, _ = parse_config(parser("tune"), args)                 # the adapt run's own command line
-    inputs = prepare(cfg)
-    split_labels, _ = label_run(cfg, inputs, out)
-    assert split_labels["adapt"].summary.get("reused") is True          # the adapt run's draws, nothing asked
-    tables = {split: res.table for split, res in split_labels.items()}
-    space = {"fusion.lalm_answers_used": ["grid", [0, 1]]}              # 0 (all answers): the adapt run's setting
-    table, best = run_tune(cfg, tables, inputs.dev_df, inputs.source_checkpoint, out, space, num_samples=1)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"fusion.lalm_answers_used": ["grid", [0, 1]]}))   # 0 (all): the adapt run's
+    answers_before = cached_answers(out)
+    command, env = job_command(args)
+    command[1] = os.path.join(REPO, "jobs", "tune.py")
+    proc = subprocess.run(command + ["--space", str(space), "--num-samples", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    finished = [line for line in lines if line.startswith("trial ") and " finished after 2 epochs: final_dev_uar " in line]
+    assert len(finished) == 2, proc.stdout
+    assert len(lines) <= 16, proc.stdout                     # 3 stage lines, 2 trials, the table, where to go next
+    assert not [line for line in lines if "pid=" in line or "Trial status" in line or NATIVE_LOG_LINE.match(line)]
+    assert cached_answers(out) == answers_before          # the adapt run's draws: the search asked nothing
+    table = pd.read_csv(os.path.join(out, "tune_results.csv"))
     assert len(table) == 2 and set(table["config/fusion.lalm_answers_used"]) == {0, 1}
     adapt_student = json.load(open(os.path.join(out, "models", "mifuse", STAMP)))["fingerprint"]
     # Tune stops a trial at its last report, before it copies a final model: what each trial trained is
@@ -283,6 +293,8 @@ def test_tune_trial_trains_what_adapt_trains(adapt_run):
               for name in os.listdir(stamps) if name.startswith("trial_")}
     assert len(trials) == 2
     assert sorted(fp == adapt_student for fp in trials.values()) == [False, True]
-    best_cfg = config_from_args(parser("adapt").parse_args(["--config", os.path.join(out, "best_config.json")]))
-    assert result_fields(best_cfg) == result_fields(trial_config(cfg, best.config))
-    assert best.metrics["final_dev_uar"] == max(table["final_dev_uar"])
+    best = json.load(open(os.path.join(out, "best_trial.json")))
+    assert best["value"] == max(table["final_dev_uar"])
+    cfg, _ = parse_config(parser("adapt"), args)
+    best_cfg, _ = parse_config(parser("adapt"), ["--config", os.path.join(out, "best_config.json")])
+    assert result_fields(best_cfg) == result_fields(trial_config(cfg, best["trial"]))

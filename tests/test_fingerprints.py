@@ -1,6 +1,7 @@
 """Reuse fingerprints come from the config dataclasses: every result field counts, the marked ones do not."""
 import copy
 import dataclasses
+import os
 
 import pandas as pd
 import pytest
@@ -53,3 +54,20 @@ def test_checkpoint_bytes_and_clips_change_it(inputs, tmp_path):
     assert labeling_fingerprint(cfg, df.iloc[:1], ckpt, "") != reference
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     assert labeling_fingerprint(cfg, df, ckpt, "") != reference
+
+
+def test_a_stamp_hands_back_finished_work_only_at_its_fingerprint(tmp_path):
+    """reuse.py: work is reused only under the fingerprint it was stamped with; other settings are
+    told apart from no stamp at all (a run at other settings starts afresh, a new one just starts)."""
+    import numpy as np
+
+    from mifuse_ray import reuse
+    work = str(tmp_path / "student")
+    assert reuse.stamped(work, "a") is None and not reuse.stamp_differs(work, "a")
+    reuse.stamp(work, "a", result={"seconds": 1.5})
+    assert reuse.stamped(work, "a")["result"] == {"seconds": 1.5}
+    assert reuse.stamped(work, "b") is None and reuse.stamp_differs(work, "b")
+    assert sorted(os.listdir(work)) == [reuse.STAMP]                      # no temporary file left behind
+    q = np.array([[0.25, 0.75]])
+    assert reuse.digest({"q": q}) == reuse.digest({"q": q + 1e-9})       # float noise does not count
+    assert reuse.digest({"q": q}) != reuse.digest({"q": q + 1e-3})
