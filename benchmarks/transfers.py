@@ -169,9 +169,14 @@ def _recorded_cells(out_root: str) -> dict:
         return {}
     import pandas as pd
     cells = {}
-    for (transfer, seed, variant), rows in pd.read_csv(path).groupby(["transfer", "seed", "variant"]):
+    recorded = pd.read_csv(path)
+    for column in ("uar_ci_lo", "uar_ci_hi"):              # tables written before the CI was recorded
+        if column not in recorded:
+            recorded[column] = float("nan")
+    for (transfer, seed, variant), rows in recorded.groupby(["transfer", "seed", "variant"]):
         cells[(transfer, int(seed), variant)] = {"test": {
-            r.system: {"uar": r.uar, "wa": r.wa, "macro_f1": r.macro_f1} for r in rows.itertuples()}}
+            r.system: {"uar": r.uar, "wa": r.wa, "macro_f1": r.macro_f1, "uar_ci95": [r.uar_ci_lo, r.uar_ci_hi]}
+            for r in rows.itertuples()}}
     return cells
 
 
@@ -190,11 +195,20 @@ def seed_tables(df, complete_seeds):
         covered = [seed for seed in complete_seeds if set(sdf[sdf.seed == seed].transfer) >= set(transfers)]
         for metric, name in (("uar", "UAR"), ("wa", "WA"), ("macro_f1", "macro-F1")):
             row[f"average {name}"] = mean_std([sdf[sdf.seed == seed][metric].mean() for seed in covered])
+        row["one test split's 95% CI (clips)"] = clip_ci_half_width(sdf)
         rows.append(row)
     table = pd.DataFrame(rows)
     order = pd.to_numeric(table["average UAR"].str.split(" ").str[0], errors="coerce").sort_values(
         ascending=False, na_position="last").index
     return table.loc[order]
+
+
+def clip_ci_half_width(rows) -> str:
+    """'±h': the mean half-width of the cells' clip-bootstrap 95% CIs of test UAR (how far the clips
+    of one test split alone move a score, beside the seed spread); '' where no cell recorded one."""
+    widths = (rows["uar_ci_hi"] - rows["uar_ci_lo"]) / 2 if "uar_ci_hi" in rows else []
+    widths = [w for w in widths if w == w]
+    return f"±{sum(widths) / len(widths):.3f}" if widths else ""
 
 
 SHIPPED = "mifuse_ema"          # the model the shipped recipe ends with (the EMA teacher at the last epoch)
@@ -317,8 +331,10 @@ def ablation_table(df):
 
 def summarize(cells, out_root, command: str = ""):
     import pandas as pd
+    nan = float("nan")
     rows = [{"transfer": t, "seed": s, "variant": v, "system": name + suffix, "uar": m["uar"], "wa": m["wa"],
-             "macro_f1": m["macro_f1"]}
+             "macro_f1": m["macro_f1"], "uar_ci_lo": (m.get("uar_ci95") or [nan, nan])[0],
+             "uar_ci_hi": (m.get("uar_ci95") or [nan, nan])[1]}
             for (t, s, v), res in cells.items()
             for key, suffix in (("test", ""), ("test_by_speaker", BY_SPEAKER))
             for name, m in res.get(key, {}).items()]

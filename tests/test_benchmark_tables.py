@@ -189,3 +189,22 @@ def test_balanced_scoring_balances_the_whole_set_and_tables_per_seed_then_over_s
     assert table.loc[0, "per_clip"] == "0.550 ± 0.071" and table.loc[0, "balanced"] == "0.650 ± 0.071"
     assert table.loc[0, "balanced − per_clip"] == pytest.approx(0.1)
     assert by_transfer(pd.DataFrame(rows)).loc[0, "a→b"] == "0.450 → 0.550"
+
+
+def test_the_table_states_the_clip_bootstrap_ci_beside_the_seed_spread(tmp_path):
+    """Each cell's test-split CI (results.json's uar_ci95) is kept in transfers_cells.csv and read back,
+    and the table gives every system the mean half-width of one test split's CI beside its seed spread."""
+    from benchmarks.transfers import collect_cells, summarize
+
+    def m(u, half):
+        return {"uar": u, "wa": u, "macro_f1": u, "uar_ci95": [u - half, u + half]}
+    cells = {(t, s, "main"): {"test": {"mifuse_ema": m(0.5 + 0.01 * s, 0.08), "fused_label": m(0.6, 0.06),
+                                       "lalm_zero_shot": m(0.55, 0.07), "source_only": m(0.4, 0.07)}}
+             for t in ("a→b", "b→a") for s in (0, 1)}
+    summarize(cells, str(tmp_path))
+    md = (tmp_path / "transfers.md").read_text()
+    assert "one test split's 95% CI (clips)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| mifuse_ema |"))
+    assert row.rstrip(" |").endswith("±0.080")
+    again = collect_cells(str(tmp_path / "no_runs"), str(tmp_path))     # a fresh checkout: the committed csv
+    assert again[("a→b", 1, "main")]["test"]["fused_label"]["uar_ci95"] == pytest.approx([0.54, 0.66])
