@@ -58,6 +58,7 @@ def verdict_lines(results: dict, num_classes: int) -> list[str]:
         if d < 0:
             below.append(what)
     lines = [f"**Verdict:** the adapted model (`{final}`, test UAR {test[final]['uar']:.3f}) is", *rows]
+    lines += accuracy_gap_to_lalm(test, final)
     if below:
         lines += ["", f"> **Warning:** the student is below {', '.join(below)}. Read 'Fusion' below: each "
                   "teacher's predicted class distribution shows its bias, and the fused label's dev UAR says how "
@@ -71,6 +72,21 @@ def verdict_lines(results: dict, num_classes: int) -> list[str]:
                       "audio, add it to the manifest and rerun into the same output folder: the LALM answers already "
                       "paid for come from the response cache."]
     return lines
+
+
+# How far the adapted model's WA (plain accuracy) may fall under the LALM's before the verdict says so.
+WA_GAP_NOTED = 0.05
+
+
+def accuracy_gap_to_lalm(test: dict, final: str) -> list[str]:
+    """UAR weighs every class alike; a user who counts right answers reads WA. Where the adapted model's
+    WA is more than WA_GAP_NOTED under the LALM's, the verdict says so rather than let UAR hide it."""
+    ours, lalm = test[final].get("wa"), test.get("lalm_zero_shot", {}).get("wa")
+    if ours is None or lalm is None or not ours < lalm - WA_GAP_NOTED:
+        return []
+    return ["", f"> **Plain accuracy:** its WA is {ours:.3f} against the LALM's {lalm:.3f} ({ours - lalm:+.3f}): on "
+                "this test split's class balance the LALM answers more clips right; the adapted model's lead, "
+                "where it has one, is in the classes the LALM misses (UAR weighs every class alike)."]
 
 
 def _plot_confusions(results: dict, labels, path: str) -> None:

@@ -27,3 +27,15 @@ def test_a_student_above_everything_gets_no_warning():
             results[table]["fused_label"], results[table]["mifuse_ema"]
     text = "\n".join(verdict_lines(results, 4))
     assert "above the fused label" in text and "Warning" not in text and "adaptation clips" not in text
+
+
+def test_a_wa_far_under_the_lalms_is_said_in_the_verdict():
+    """UAR can favour the student while plain accuracy (WA) favours the LALM: more than 0.05 under it, the
+    verdict says so; within 0.05 it does not."""
+    results = _results(MEASURED_ADAPTATION_CLIPS)
+    results["test"]["mifuse_ema"]["wa"] = 0.433
+    results["test"]["lalm_zero_shot"] = {"uar": 0.44, "wa": 0.527}
+    text = "\n".join(verdict_lines(results, 4))
+    assert "**Plain accuracy:** its WA is 0.433 against the LALM's 0.527 (-0.094)" in text
+    results["test"]["lalm_zero_shot"]["wa"] = 0.47
+    assert "Plain accuracy" not in "\n".join(verdict_lines(results, 4))
