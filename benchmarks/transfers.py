@@ -48,6 +48,9 @@ ABLATIONS = {"balancing": [(("fusion.balance_teachers", "none"), ("fusion.balanc
              # the head at the trunk's rate: 16 epochs at 3e-4 barely move it from the source's weights
              "head_lr": [("train.head_lr", 3e-4)],
              "mixup_off": [("train.mixup_alpha", 0.0)],
+             # no waveform augmentation: the head-only student then learns on the trunk output stored while
+             # labelling (train.features auto, mixup of the stored vectors), and the same on the audio
+             "stored_trunk": [("train.augment", False), (("train.augment", False), ("train.features", "waveform"))],
              # the fresh start trained three times as long: with the true labels it needs ~48 epochs to pass
              # the fused label (benchmarks/student_bound.py)
              "init_fresh_long": [FRESH_START + (("train.epochs", 48),)],

@@ -176,6 +176,10 @@ class TrainConfig:
     # a student with fewer ways to learn its labels' errors), or "all" the student's weights. SHOT-IM always
     # adapts the trunk (its classifier is frozen)
     trainable: Literal["all", "head"] = "head"
+    # where a head-only student's steps get the trunk's output: "auto" reads the source model's trunk output that
+    # labelling stored per clip (the trunk runs once per clip, not once per step) wherever nothing in the run needs the
+    # audio itself (train/features.py says what does), else runs the trunk on the waveform; "waveform" always does
+    features: Literal["auto", "waveform"] = "auto"
     # the EMA-teacher consistency term's weight (modes with consistency; 0, the default, skips it and its strong view)
     consistency_weight: float = 0.0
     # with consistency: the view the fused label is learnt on. "weak" (FixMatch): the usual augmentation,

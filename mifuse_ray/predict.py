@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from .config import MiFuseConfig
-from .models.base import read_meta
+from .models.base import TRUNK_FEATURES, read_meta
 from .source_teacher import SourceTeacherStage
 
 
@@ -23,7 +23,8 @@ class PredictorStage(SourceTeacherStage):
         out["probs"] = [p.tolist() if p is not None else None for p in probs]
         out["pred"] = [labels[int(p.argmax())] if p is not None else None for p in probs]
         out["confidence"] = [float(p.max()) if p is not None else np.nan for p in probs]
-        return out.drop(columns=["source_det", "source_probs", "source_votes", "embedding", "audio"], errors="ignore")
+        return out.drop(columns=["source_det", "source_probs", "source_votes", "embedding", TRUNK_FEATURES,
+                                 "audio"], errors="ignore")
 
 
 class ModelsStage:

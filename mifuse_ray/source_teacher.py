@@ -13,7 +13,7 @@ import torch
 
 from .data import pad_batch
 from .fusion import draw_labels
-from .models.base import load_model
+from .models.base import TRUNK_FEATURES, load_model
 from .models.mc import hashed_uniform, mc_predict, mc_seeds
 
 PAD_BUCKET_S = 0.5
@@ -41,7 +41,7 @@ class SourceTeacherStage:
         """Predictions for valid clips, grouped by padded length (batch-independent results)."""
         n, C = len(clip_ids), self.model.num_classes
         out = {"det": np.zeros((n, C), np.float32), "probs": np.zeros((n, self.K, C), np.float32),
-               "votes": np.zeros((n, self.K), np.int64), "emb": None}
+               "votes": np.zeros((n, self.K), np.int64), "emb": None, "pooled": None}
         padded = np.array([int(np.ceil(max(len(a), 1) / self.bucket)) * self.bucket for a in audio_list])
         for length in np.unique(padded):
             idx = np.flatnonzero(padded == length)
@@ -58,13 +58,18 @@ class SourceTeacherStage:
             if out["emb"] is None:
                 out["emb"] = np.zeros((n, emb.shape[1]), np.float32)
             out["emb"][idx] = emb
+            if res.pooled is not None:
+                pooled = res.pooled.cpu().numpy()
+                if out["pooled"] is None:
+                    out["pooled"] = np.zeros((n, pooled.shape[1]), np.float32)
+                out["pooled"][idx] = pooled
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()
         ok = batch["error"].isna().to_numpy()
         idx = np.flatnonzero(ok)
-        det, probs, votes, emb = ([None] * len(batch) for _ in range(4))
+        det, probs, votes, emb, pooled = ([None] * len(batch) for _ in range(5))
         if len(idx):
             res = self.predict([batch["clip_id"].iloc[i] for i in idx], [batch["audio"].iloc[i] for i in idx])
             for j, i in enumerate(idx):
@@ -72,9 +77,13 @@ class SourceTeacherStage:
                 probs[i] = res["probs"][j].tolist()
                 votes[i] = res["votes"][j].tolist()
                 emb[i] = res["emb"][j].tolist()
+                if res["pooled"] is not None:
+                    pooled[i] = res["pooled"][j].tolist()
         batch[f"{self.name}_det"], batch[f"{self.name}_probs"], batch[f"{self.name}_votes"] = det, probs, votes
         if self.name == "source":
             batch["embedding"] = emb
+            if self.model.stores_trunk:
+                batch[TRUNK_FEATURES] = pooled
         if not self.keep_audio:
             batch = batch.drop(columns=["audio"])
         return batch

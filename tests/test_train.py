@@ -28,6 +28,20 @@ def test_ema_update_matches_hand_computation():
     assert alpha ** 100 == pytest.approx(0.5)
 
 
+def test_the_ema_of_a_frozen_weight_stays_that_weight_exactly():
+    """A head-only student's EMA keeps the source trunk bit for bit (α·x + (1−α)·x rounds off x)."""
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    student[0].requires_grad_(False)
+    ema = EMATeacher(student, 0.9)
+    frozen = student[0].weight.clone()
+    for step in range(50):
+        with torch.no_grad():
+            student[1].weight.add_(0.1)
+        ema.update(student, step)
+    assert torch.equal(ema.model[0].weight, frozen)
+    assert not torch.equal(ema.model[1].weight, student[1].weight)         # the trained layer is averaged
+
+
 def test_shrink_perturb_blends_source_and_fresh_weights_and_keeps_statistics():
     """θ = shrink·θ_source + perturb·θ_fresh parameter by parameter, the same for the same seed, the
     BatchNorm statistics untouched, and the caller's random stream not consumed."""
@@ -188,6 +202,46 @@ def test_two_worker_ddp_ends_with_identical_weights(small_labels, source_model, 
     assert all(h["weights_rank_spread"] == 0.0 for h in res.history)
     assert os.path.exists(os.path.join(res.student_dir, "mifuse_model.json"))
     assert os.listdir(os.path.join(tmp_path, "tensorboard", "ddp"))
+
+
+@pytest.fixture(scope="module")
+def small_dev_labels(ray_cluster, source_model, demo_root, small_labels, tmp_path_factory):
+    """The dev clips of ``small_labels`` labelled too: the source stage's stored trunk output for them."""
+    from mifuse_ray.labeling import label_target
+    from mifuse_ray.demo.lalm_server import BackgroundServer, ServerConfig
+    _, dev = small_labels
+    with BackgroundServer(ServerConfig()) as server:
+        return label_target(tiny_cfg(), dev, str(tmp_path_factory.mktemp("dev_labels")), source_model, server.url).table
+
+
+def test_two_workers_learn_on_the_stored_trunk_output(small_labels, small_dev_labels, source_model, tmp_path, caplog):
+    """Without waveform augmentation a head-only student learns on the trunk output its labels carry:
+    two DDP ranks in step, dev scored from the stored output too, the trunk saved as the source's, and
+    the saved student (a whole network) predicting on the audio what its head gave on the stored output."""
+    import logging
+
+    import pandas as pd
+    from mifuse_ray.models.base import TRUNK_FEATURES, OnStoredTrunk, load_model
+    from mifuse_ray.predict import PredictorStage
+    from mifuse_ray.train.student import train_student
+    from mifuse_ray.data import decode_locally
+    table, dev = small_labels
+    caplog.set_level(logging.INFO, logger="mifuse_ray")
+    cfg = tiny_cfg(num_workers=2, augment=False)
+    res = train_student(cfg, table, dev, source_model, str(tmp_path), run_name="stored", dev_labels=small_dev_labels)
+    assert "learns on the trunk output stored while labelling" in caplog.text
+    assert [h["process_group_size"] for h in res.history] == [2, 2]
+    assert all(h["weights_rank_spread"] == 0.0 and h["ema_dev_uar"] is not None for h in res.history)
+    source, student = load_model(source_model), load_model(res.model_dir)
+    for (name, a), b in zip(source.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b) == (not name.startswith("head_net.")), name      # only the head moved
+    decoded = decode_locally(dev, cfg.audio)
+    on_audio = PredictorStage(res.model_dir, passes_per_clip=0, amp=False)(decoded)
+    stored = pd.DataFrame({"clip_id": small_dev_labels["clip_id"], "v": small_dev_labels[TRUNK_FEATURES]})
+    stored = stored.set_index("clip_id").loc[on_audio["clip_id"], "v"]
+    with torch.no_grad():
+        on_stored = torch.softmax(OnStoredTrunk(student)(torch.tensor(np.stack(stored.to_list()), dtype=torch.float32)), -1).numpy()
+    np.testing.assert_allclose(np.stack(on_audio["probs"].to_list()), on_stored, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +457,62 @@ def test_a_head_only_student_keeps_the_source_trunk(mode, trainable):
     # a frozen trunk is a fixed feature map: no dropout in it while the head learns
     assert student.blocks[0][4].training == (trainable == "all" or mode == "shot_im")
     assert student.head_net.training
+
+
+def test_an_epoch_on_the_stored_trunk_output_equals_the_epoch_on_the_audio():
+    """A head-only student without waveform augmentation learns the same from the trunk output stored
+    beside its labels as from the audio: same head weights, same EMA, same losses, after an epoch
+    with mixup (of the stored vectors, against mixup of the waveforms through a frozen trunk: equal
+    only in the loss terms' inputs, so mixup is off here) and the head's dropout on."""
+    import copy
+    import dataclasses
+
+    from mifuse_ray.data import pad_batch
+    from mifuse_ray.models.base import TRUNK_FEATURES
+    from mifuse_ray.models.cnn import LogMelCNN
+    from mifuse_ray.train.loop import _train_epoch, shuffled_batches, trained_parameters
+    from mifuse_ray.train.modes import MODES
+
+    cfg = MiFuseConfig()
+    cfg.train = dataclasses.replace(cfg.train, augment=False, mixup_alpha=0.0, online_fusion_from_epoch=1000,
+                                    batch_size=4)
+    cfg.audio.train_crop_s = 0.5                       # the noise clips' length: no crop, the same padding
+    torch.manual_seed(0)
+    source = LogMelCNN(channels=(4, 4), embed_dim=8).eval()
+    rows = _noise_batch(np.random.default_rng(0), n=12)
+    wav, lengths = pad_batch(rows["audio"], 8000)
+    with torch.no_grad():                              # what the source stage stores for each clip
+        rows[TRUNK_FEATURES] = source.pooled(source.trunk(torch.from_numpy(wav), torch.from_numpy(lengths))).numpy()
+    rows = {k: np.asarray(v) if k != "audio" else np.array(v + [None], dtype=object)[:-1] for k, v in rows.items()}
+    # the stored path holds its rows and shuffles them itself; the audio path gets the same batches
+    order = shuffled_batches(12, 4, cfg.train.seed, 0, 0, whole_only=False)
+
+    class Shard:
+        def __init__(self, drop):
+            self.drop = drop
+
+        def iter_batches(self, batch_size=4, **kw):
+            batches = [{k: v[i] for k, v in rows.items()} for i in order] if self.drop == TRUNK_FEATURES else \
+                [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, 12, batch_size)]
+            return iter([{k: v for k, v in b.items() if k != self.drop} for b in batches])
+
+    runs = {}
+    for stored in (False, True):
+        student = copy.deepcopy(source)
+        run = _cpu_run(cfg, student, lr=1e-2, train_shard=Shard("audio" if stored else TRUNK_FEATURES))
+        run.inp = dataclasses.replace(run.inp, stored_trunk=stored)
+        run.model = run.fed(student)
+        run.opt = torch.optim.AdamW(trained_parameters(student, MODES["mifuse"], "head"), lr=1e-2)
+        runs[stored] = (_train_epoch(run, 0), student, run.ema.model)
+    (on_audio, a, a_ema), (on_stored, b, b_ema) = runs[False], runs[True]
+    assert on_audio["n"] == on_stored["n"] == 3
+    for key in ("loss", "anchor", "div", "agreement"):
+        assert on_stored[key] == pytest.approx(on_audio[key], rel=1e-5, abs=1e-6)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5, msg=name)
+    for x, y in zip(a_ema.state_dict().values(), b_ema.state_dict().values()):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(a.head_net[4].weight, source.head_net[4].weight)      # the head did learn
 
 
 @pytest.mark.parametrize("mode,trainable", [("mifuse", "head"), ("mifuse", "all"), ("shot_im", "head")])

@@ -16,6 +16,9 @@ from torch import nn
 from ..label_set import DEFAULT_LABELS
 
 CHECKPOINT_META = "mifuse_model.json"
+# The column of the labels tables that holds the source model's deterministic trunk output per clip
+# (``SERModel.pooled``): a head-only student learns from it without running its frozen trunk again.
+TRUNK_FEATURES = "trunk_features"
 
 
 class SERModel(nn.Module):
@@ -59,6 +62,18 @@ class SERModel(nn.Module):
         """Frame-level features (B, T, D) and their validity mask (B, T), for CKA distillation."""
         raise NotImplementedError
 
+    # -- a trunk run once per clip (train.features stored) ----------------------------------
+    stores_trunk: bool = False      # True where ``pooled`` and ``features_from_pooled`` are implemented
+
+    def pooled(self, features: Any) -> torch.Tensor:
+        """The fixed-size (B, D) trunk output that is all the head reads: what a head-only student
+        can learn from once stored, instead of running the frozen trunk every step."""
+        raise NotImplementedError
+
+    def features_from_pooled(self, pooled: torch.Tensor) -> Any:
+        """The trunk features ``head`` and ``embed`` take, rebuilt from stored ``pooled`` vectors."""
+        raise NotImplementedError
+
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor, return_frames: bool = False):
         """Logits; with ``return_frames`` also ``frames(...)``, from the same pass (one DDP forward)."""
         features = self.trunk(wav, lengths)
@@ -71,6 +86,46 @@ class SERModel(nn.Module):
 
     def save(self, directory: str, extra: dict | None = None) -> None:
         raise NotImplementedError
+
+
+class OnStoredTrunk(nn.Module):
+    """``model`` fed its trunk's stored output: ``forward(pooled, lengths)`` is ``model.head`` on it.
+
+    A head-only student never changes its trunk, so the trunk's output on a clean clip is the same
+    every epoch; the source stage stores it once (``TRUNK_FEATURES``) and the
+    student's steps, its EMA teacher's MC passes and its dev scores read it from here. It shares
+    ``model``'s parameters (what is trained and checkpointed is ``model``, a full network), and it
+    has the interface ``mc_predict`` uses, so head-scope MC dropout works on it unchanged."""
+
+    def __init__(self, model: SERModel):
+        super().__init__()
+        if not model.stores_trunk:
+            raise ValueError(f"a {model.arch} model cannot be fed stored trunk features")
+        self.model = model
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def trunk(self, pooled: torch.Tensor, lengths: torch.Tensor | None = None) -> Any:
+        return self.model.features_from_pooled(pooled)
+
+    def head(self, features: Any) -> torch.Tensor:
+        return self.model.head(features)
+
+    def embed(self, features: Any) -> torch.Tensor:
+        return self.model.embed(features)
+
+    def head_modules(self) -> list[nn.Module]:
+        return self.model.head_modules()
+
+    def pooled(self, features: Any) -> torch.Tensor:
+        return self.model.pooled(features)
+
+    def forward(self, pooled: torch.Tensor, lengths: torch.Tensor | None = None, return_frames: bool = False):
+        if return_frames:
+            raise ValueError("stored trunk features have no frames (CKA distillation needs train.features waveform)")
+        return self.head(self.trunk(pooled))
 
 
 def repeat_features(features: Any, k: int) -> Any:

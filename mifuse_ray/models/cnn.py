@@ -78,6 +78,14 @@ class LogMelCNN(SERModel):
     def frames(self, features: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return features["frames"], features["frame_mask"]
 
+    stores_trunk = True
+
+    def pooled(self, features: dict) -> torch.Tensor:
+        return features["pooled"]
+
+    def features_from_pooled(self, pooled: torch.Tensor) -> dict:
+        return {"pooled": pooled}
+
     def arch_config(self) -> dict:
         return dict(self.config)
 

@@ -109,6 +109,7 @@ class MCOutput:
     probs: torch.Tensor        # (B, K, C) MC-dropout distributions
     det_probs: torch.Tensor    # (B, C) deterministic prediction (dropout off)
     embedding: torch.Tensor    # (B, E) clip embedding
+    pooled: torch.Tensor | None = None   # (B, D) the deterministic trunk output the head reads (SERModel.pooled)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -134,6 +135,7 @@ def mc_predict(model: SERModel, wav: torch.Tensor, lengths: torch.Tensor, row_se
         features = model.trunk(wav, lengths)
         det_logits = model.head(features)
         embedding = model.embed(features)
+        pooled = model.pooled(features) if getattr(model, "stores_trunk", False) else None
         if K == 0:
             logits = det_logits[:, None, :0]
         elif scope == "head":
@@ -149,4 +151,5 @@ def mc_predict(model: SERModel, wav: torch.Tensor, lengths: torch.Tensor, row_se
                     per_pass.append(model(wav, lengths))
             logits = torch.stack(per_pass, 1).reshape(B * K, -1)
     probs = torch.softmax(logits.float(), -1).reshape(B, K, -1) if K else torch.zeros(B, 0, model.num_classes)
-    return MCOutput(probs=probs, det_probs=torch.softmax(det_logits.float(), -1), embedding=embedding.float())
+    return MCOutput(probs=probs, det_probs=torch.softmax(det_logits.float(), -1), embedding=embedding.float(),
+                    pooled=pooled.float() if pooled is not None else None)

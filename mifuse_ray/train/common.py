@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..data import pad_batch
 from ..metrics import confusion_matrix
+from ..models.base import TRUNK_FEATURES
 
 
 def device_for_worker() -> torch.device:
@@ -106,14 +107,24 @@ def _dist_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def batch_inputs(batch: dict, crop_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's model input and lengths: its stored trunk output (B, D) where the rows carry one
+    (lengths unused, zero), else its audio zero-padded to the longest clip or to ``crop_len``."""
+    if TRUNK_FEATURES in batch:
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in batch[TRUNK_FEATURES]])
+        return torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64)
+    wav, lengths = pad_batch(list(batch["audio"]), crop_len)
+    return torch.from_numpy(wav), torch.from_numpy(lengths)
+
+
 @torch.no_grad()
 def predict_batches(model, batches, device, crop_len: int | None = None):
-    """(labels, predictions, probabilities) for batches of {'audio', 'label_index'} rows."""
+    """(labels, predictions, probabilities) for batches of {'audio' or TRUNK_FEATURES, 'label_index'} rows."""
     model.eval()
     ys, preds, probs = [], [], []
     for batch in batches:
-        wav, lengths = pad_batch(list(batch["audio"]), crop_len)
-        logits = model(torch.from_numpy(wav).to(device), torch.from_numpy(lengths).to(device))
+        x, lengths = batch_inputs(batch, crop_len)
+        logits = model(x.to(device), lengths.to(device))
         p = torch.softmax(logits.float(), -1).cpu().numpy()
         probs.append(p)
         preds.append(p.argmax(1))

@@ -28,7 +28,10 @@ class EMATeacher:
     def update(self, student: nn.Module, step: int) -> float:
         a = ema_decay_at(step, self.alpha)
         for e, s in zip(self.model.parameters(), student.parameters()):
-            e.mul_(a).add_(s.detach().float(), alpha=1.0 - a)
+            if s.requires_grad:
+                e.mul_(a).add_(s.detach().float(), alpha=1.0 - a)
+            else:           # a frozen weight's average is itself; averaging it would only add rounding
+                e.copy_(s)
         for e, s in zip(self.model.buffers(), student.buffers()):
             e.copy_(s)
         return a

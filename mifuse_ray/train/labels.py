@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..config import FusionConfig, MiFuseConfig
 from ..fusion import FusionFit
+from ..models.base import TRUNK_FEATURES
 from ..fused_labels import SOURCE, draw_columns, fit_table, fusion_columns, stored_draws
 from .modes import MODES
 
@@ -40,7 +41,7 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     q = np.stack(fused["q"]).astype(np.float32)
     valid = np.isfinite(q).all(1)
     draws = stored_draws(ok, C, fusion.lalm_answers_used, fusion.source_passes_used)
-    keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id") if c in ok.columns]
+    keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id", TRUNK_FEATURES) if c in ok.columns]
     table = ok.loc[valid, keep].copy()
     table["q"] = list(q[valid])
     table["clip_weight"] = fused["clip_weight"].to_numpy(np.float32)[valid]
@@ -72,3 +73,11 @@ def fused_dev_uar(dev_labels: pd.DataFrame | None, dev_df: pd.DataFrame | None, 
     pred = fusion_columns(t.reset_index(drop=True), C, fusion, fit)["fused_pred"].to_numpy()
     y = np.array([cfg.labels.index(v) for v in t["label"]])
     return uar(y, counting_unanswered_as_wrong(y, pred, C), C)
+
+
+def with_stored_trunk(dev_df: pd.DataFrame, dev_labels: pd.DataFrame) -> pd.DataFrame:
+    """The student's dev clips with the trunk output the source stage stored for them while labelling
+    the dev split (clips it could not decode have none, and are left out as the waveform path leaves
+    out clips that do not decode)."""
+    stored = dev_labels.loc[dev_labels["error"].isna(), ["clip_id", TRUNK_FEATURES]]
+    return dev_df.drop(columns=[TRUNK_FEATURES], errors="ignore").merge(stored, on="clip_id", how="inner")

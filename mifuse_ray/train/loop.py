@@ -18,7 +18,7 @@ from ..config import FusionConfig, MiFuseConfig
 from ..fusion import FusionFit
 from ..metrics import uar_from_confusion
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import (augment, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
+from .common import (augment, batch_inputs, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
                      lr_schedule, mixup, process_group_size, running_statistics_kept, shrink_perturb, strong_augment,
                      weights_rank_spread)
 from .distill import distill_terms
@@ -41,6 +41,7 @@ class LoopInputs:
     fused_dev_uar: float | None     # the fused label's UAR on the student's dev half: the re-fusion gate
     teachers: list                  # the teachers' names in fusion order (fused_labels.teacher_names)
     tensorboard_dir: str
+    stored_trunk: bool = False      # the rows carry the trunk's stored output (train/features.py), not audio
     step_hook: Callable | None = None   # tests: called as hook(epoch, batch_no, rank, world) after each step
 
 
@@ -66,6 +67,13 @@ class _Run:
     writer: Any
     train_shard: Any
     dev_shard: Any
+    stored_rows: dict | None = None     # with a stored trunk: this rank's rows, held after the first epoch
+
+    def fed(self, model):
+        """``model`` as the loop calls it on a batch's input: itself on audio, or its head on the stored
+        trunk output (``OnStoredTrunk``, sharing its parameters)."""
+        from ..models.base import OnStoredTrunk
+        return OnStoredTrunk(model) if self.inp.stored_trunk else model
 
 
 # -- the worker loop ----------------------------------------------------------------------
@@ -114,7 +122,12 @@ def _setup(inp: LoopInputs) -> _Run:
     if rank == 0 and inp.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(inp.tensorboard_dir)
-    return _Run(inp, student, ray.train.torch.prepare_model(student), ema, opt, sched, params, device, rank, world,
+    if inp.stored_trunk:
+        from ..models.base import OnStoredTrunk
+        trained = OnStoredTrunk(student)
+    else:
+        trained = student
+    return _Run(inp, student, ray.train.torch.prepare_model(trained), ema, opt, sched, params, device, rank, world,
                 step, start_epoch, history, balances, distill_teacher, writer,
                 ray.train.get_dataset_shard("train"), _optional_shard("dev"))
 
@@ -196,9 +209,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     _train_mode(run)
     online_fusion = online_fusion_on(run, epoch)
     sums: dict = {"n": 0, "online_fusion": float(online_fusion), "clips": 0, "started": time.time()}
-    for batch in run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
-                                              local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
-                                              drop_last=run.world > 1):
+    for batch in _epoch_batches(run, epoch):
         for name, value in _step(run, batch, rng, gen, online_fusion).items():
             sums[name] = sums.get(name, 0.0) + value
         sums["n"] += 1
@@ -206,6 +217,34 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         if run.inp.step_hook is not None:
             run.inp.step_hook(epoch, sums["n"], run.rank, run.world)
     return sums
+
+
+def _epoch_batches(run: _Run, epoch: int):
+    """The epoch's batches of this rank's shard, shuffled per (seed, rank, epoch). On audio, Ray Data
+    streams them through a local shuffle buffer. With a stored trunk a row is a few hundred floats,
+    so the rank holds its rows after the first pass (about 1 kB a clip) and shuffles them itself:
+    pulling 150 small batches through Ray Data cost twice the head's own steps (benchmarks/stored_trunk.py)."""
+    t = run.inp.cfg.train
+    if not run.inp.stored_trunk:
+        yield from run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                                local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
+                                                drop_last=run.world > 1)
+        return
+    if run.stored_rows is None:
+        parts = list(run.train_shard.iter_batches(batch_size=4096, batch_format="numpy"))
+        run.stored_rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    n = len(run.stored_rows.get("clip_id", ()))
+    for idx in shuffled_batches(n, t.batch_size, t.seed, run.rank, epoch, whole_only=run.world > 1):
+        yield {k: v[idx] for k, v in run.stored_rows.items()}
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, rank: int, epoch: int, whole_only: bool) -> list:
+    """Row indices of an epoch's batches over ``n`` held rows, a pure function of (seed, rank, epoch) so
+    that a resumed run draws the same batches; ``whole_only`` drops a last partial batch (DDP ranks
+    must take the same number of steps)."""
+    order = np.random.default_rng([seed, rank, epoch, 31]).permutation(n)
+    last = n - n % batch_size if whole_only else n
+    return [order[start:start + batch_size] for start in range(0, last, batch_size)]
 
 
 def _train_mode(run: _Run) -> None:
@@ -242,6 +281,9 @@ def _views(run: _Run, batch: dict, rng, gen) -> _Views:
     strong augmentation); the consistency term on the strong view. ``anchor_view strong`` puts both
     on the strong view, one forward pass fewer."""
     cfg, mode, t, device = run.inp.cfg, run.inp.mode, run.inp.cfg.train, run.device
+    if run.inp.stored_trunk:          # nothing here needs the audio (train/features.py): one view, the stored one
+        clean, lengths = batch_inputs(batch)
+        return _Views(clean.to(device), lengths.to(device), clean.to(device), lengths.to(device))
     clean, lengths = crop_batch(list(batch["audio"]), int(cfg.audio.train_crop_s * cfg.audio.sample_rate), rng)
     max_shift = int(t.max_shift_s * cfg.audio.sample_rate)
     view, view_len = clean, lengths
@@ -381,4 +423,4 @@ def _optional_shard(name: str):
 def _dev_uar(model, run: _Run) -> float | None:
     if run.dev_shard is None:
         return None
-    return uar_from_confusion(evaluate_shard(model, run.dev_shard, run.device, run.student.num_classes))
+    return uar_from_confusion(evaluate_shard(run.fed(model), run.dev_shard, run.device, run.student.num_classes))

@@ -55,7 +55,7 @@ def online_fused_q(run, clean, lengths, batch) -> tuple:
     t, device = run.inp.cfg.train, run.device
     clip_ids = list(batch["clip_id"])
     seeds = mc_seeds(t.seed + 7919 * run.step, clip_ids, t.ema_passes_per_clip).to(device)
-    out = mc_predict(run.ema.model, clean, lengths, seeds, scope=t.ema_mc_scope, amp=t.amp)
+    out = mc_predict(run.fed(run.ema.model), clean, lengths, seeds, scope=t.ema_mc_scope, amp=t.amp)
     uniforms = hashed_uniform(seeds.reshape(-1), layer=-1, shape=(1,)).reshape(len(clip_ids), -1)
     C = out.probs.shape[-1]
     ema_teacher = teacher_stats(draw_labels(out.probs, uniforms), C, out.probs)

@@ -7,6 +7,7 @@ what a baseline changes is its row in ``train/modes.py``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -19,9 +20,12 @@ from .. import reuse
 from ..config import MiFuseConfig, result_fields
 from ..fused_labels import teacher_names
 from .checkpoint import HISTORY_FILE, read_history
-from .labels import class_prior, fused_dev_uar, mode_labels, training_table
+from .features import learns_on_stored_trunk
+from .labels import class_prior, fused_dev_uar, mode_labels, training_table, with_stored_trunk
 from .loop import LoopInputs, student_loop
 from .modes import MODES
+
+log = logging.getLogger("mifuse_ray")
 
 @dataclasses.dataclass
 class StudentResult:
@@ -46,10 +50,13 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     table = training_table(labels_table, cfg, fusion, fit)
     if table.empty:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
+    stored, why_not = learns_on_stored_trunk(cfg, mode, table, *([] if dev_df is None else [dev_labels]))
+    if stored and dev_df is not None:
+        dev_df = with_stored_trunk(dev_df, dev_labels)
     inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=len(table),
                         prior=class_prior(cfg, table), fusion=fusion, fit=fit,
                         fused_dev_uar=fused_dev_uar(dev_labels, dev_df, cfg, fusion, fit),
-                        teachers=teacher_names(labels_table),
+                        teachers=teacher_names(labels_table), stored_trunk=stored,
                         tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
                         step_hook=step_hook)
     final_dir = os.path.join(out_dir, "models", run_name)
@@ -57,6 +64,8 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     done = reuse.stamped(final_dir, fingerprint)
     if done is not None and not report_to_tune:
         return StudentResult(**done["result"])
+    log.info("%s student: %s", run_name, "learns on the trunk output stored while labelling" if stored
+             else f"runs its trunk on the audio every step ({why_not})")
     result = _fit(cfg, inputs, table, dev_df, out_dir, run_name, fingerprint, report_to_tune)
     res = _final_model(result, final_dir, mode.ema, inputs.fused_dev_uar, time.time() - start)
     reuse.stamp(final_dir, fingerprint, result=dataclasses.asdict(res))
@@ -69,11 +78,12 @@ def _fit(cfg: MiFuseConfig, inputs: LoopInputs, table: pd.DataFrame, dev_df, out
     Ray Train restores its latest checkpoint; at other settings the old state is removed first."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ..data import ordered_ingest, training_clips
+    from ..data import ordered_ingest, stored_rows, training_clips
     t = cfg.train
-    datasets = {"train": training_clips(table, cfg.audio, t.ingest)}
+    clips = stored_rows if inputs.stored_trunk else (lambda df: training_clips(df, cfg.audio, t.ingest))
+    datasets = {"train": clips(table)}
     if dev_df is not None and len(dev_df) > 0:
-        datasets["dev"] = training_clips(dev_df, cfg.audio, t.ingest)
+        datasets["dev"] = clips(dev_df)
     storage = t.storage_path or os.path.abspath(os.path.join(out_dir, "_ray_train"))
     # the stamp stays on the driver's disk even where the storage is an object store
     resume_stamp = os.path.abspath(os.path.join(out_dir, "_ray_train", "stamps", run_name))
@@ -124,6 +134,6 @@ def student_fingerprint(inputs: LoopInputs, table: pd.DataFrame, dev_df: pd.Data
                          "fusion": result_fields(inputs.fusion),
                          "fit": dataclasses.asdict(inputs.fit) if inputs.fit is not None else None,
                          "prior": inputs.prior, "labels": cfg.labels, "source": inputs.source_checkpoint,
-                         "fused_dev_uar": inputs.fused_dev_uar,
+                         "fused_dev_uar": inputs.fused_dev_uar, "stored_trunk": inputs.stored_trunk,
                          "dev": sorted(dev_df["clip_id"]) if dev_df is not None else None,
                          "clips": list(table["clip_id"]), "q": np.round(np.stack(table["q"]), 5)})
