@@ -470,7 +470,8 @@ def test_an_epoch_on_the_stored_trunk_output_equals_the_epoch_on_the_audio():
     from mifuse_ray.data import pad_batch
     from mifuse_ray.models.base import TRUNK_FEATURES
     from mifuse_ray.models.cnn import LogMelCNN
-    from mifuse_ray.train.loop import _train_epoch, shuffled_batches, trained_parameters
+    from mifuse_ray.train.features import shuffled_batches
+    from mifuse_ray.train.loop import _train_epoch, trained_parameters
     from mifuse_ray.train.modes import MODES
 
     cfg = MiFuseConfig()

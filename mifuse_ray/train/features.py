@@ -11,6 +11,7 @@ by default) mixes the stored vectors instead of the waveforms.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from ..models.base import TRUNK_FEATURES
@@ -57,3 +58,31 @@ def learns_on_stored_trunk(cfg, mode: Mode, *tables: pd.DataFrame | None) -> tup
     if not has_stored_trunk(*tables):
         return False, "the labels carry no stored trunk output (a source model whose head reads more than a vector)"
     return True, ""
+
+
+def epoch_batches(run, epoch: int):
+    """The epoch's batches of this rank's shard (``run``: the loop's ``_Run``), shuffled per (seed, rank,
+    epoch). On audio, Ray Data streams them through a local shuffle buffer. With a stored trunk a row is a few hundred floats,
+    so the rank holds its rows after the first pass (about 1 kB a clip) and shuffles them itself:
+    pulling 150 small batches through Ray Data cost twice the head's own steps (benchmarks/stored_trunk.py)."""
+    t = run.inp.cfg.train
+    if not run.inp.stored_trunk:
+        yield from run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                                local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
+                                                drop_last=run.world > 1)
+        return
+    if run.stored_rows is None:
+        parts = list(run.train_shard.iter_batches(batch_size=4096, batch_format="numpy"))
+        run.stored_rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    n = len(run.stored_rows.get("clip_id", ()))
+    for idx in shuffled_batches(n, t.batch_size, t.seed, run.rank, epoch, whole_only=run.world > 1):
+        yield {k: v[idx] for k, v in run.stored_rows.items()}
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, rank: int, epoch: int, whole_only: bool) -> list:
+    """Row indices of an epoch's batches over ``n`` held rows, a pure function of (seed, rank, epoch) so
+    that a resumed run draws the same batches; ``whole_only`` drops a last partial batch (DDP ranks
+    must take the same number of steps)."""
+    order = np.random.default_rng([seed, rank, epoch, 31]).permutation(n)
+    last = n - n % batch_size if whole_only else n
+    return [order[start:start + batch_size] for start in range(0, last, batch_size)]

@@ -18,11 +18,12 @@ from ..config import FusionConfig, MiFuseConfig
 from ..fusion import FusionFit
 from ..metrics import uar_from_confusion
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import (augment, batch_inputs, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard, hash_seed,
-                     lr_schedule, mixup, process_group_size, running_statistics_kept, shrink_perturb, strong_augment,
+from .common import (augment, batch_inputs, batch_norm_layers, crop_batch, device_for_worker, evaluate_shard,
+                     hash_seed, lr_schedule, mixup, process_group_size, running_statistics_kept, shrink_perturb, strong_augment,
                      weights_rank_spread)
 from .distill import distill_terms
 from .ema import EMATeacher, decay_from_half_life, ema_decay_at
+from .features import epoch_batches
 from .losses import diversity_kl, information_maximization, soft_label_gce, soft_label_kl
 from .modes import Mode, head_only
 from .refusion import consistency_term, initial_balances, online_fused_q, online_fusion_on
@@ -209,7 +210,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     _train_mode(run)
     online_fusion = online_fusion_on(run, epoch)
     sums: dict = {"n": 0, "online_fusion": float(online_fusion), "clips": 0, "started": time.time()}
-    for batch in _epoch_batches(run, epoch):
+    for batch in epoch_batches(run, epoch):
         for name, value in _step(run, batch, rng, gen, online_fusion).items():
             sums[name] = sums.get(name, 0.0) + value
         sums["n"] += 1
@@ -217,34 +218,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         if run.inp.step_hook is not None:
             run.inp.step_hook(epoch, sums["n"], run.rank, run.world)
     return sums
-
-
-def _epoch_batches(run: _Run, epoch: int):
-    """The epoch's batches of this rank's shard, shuffled per (seed, rank, epoch). On audio, Ray Data
-    streams them through a local shuffle buffer. With a stored trunk a row is a few hundred floats,
-    so the rank holds its rows after the first pass (about 1 kB a clip) and shuffles them itself:
-    pulling 150 small batches through Ray Data cost twice the head's own steps (benchmarks/stored_trunk.py)."""
-    t = run.inp.cfg.train
-    if not run.inp.stored_trunk:
-        yield from run.train_shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
-                                                local_shuffle_buffer_size=512, local_shuffle_seed=epoch * 31 + run.rank,
-                                                drop_last=run.world > 1)
-        return
-    if run.stored_rows is None:
-        parts = list(run.train_shard.iter_batches(batch_size=4096, batch_format="numpy"))
-        run.stored_rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    n = len(run.stored_rows.get("clip_id", ()))
-    for idx in shuffled_batches(n, t.batch_size, t.seed, run.rank, epoch, whole_only=run.world > 1):
-        yield {k: v[idx] for k, v in run.stored_rows.items()}
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int, rank: int, epoch: int, whole_only: bool) -> list:
-    """Row indices of an epoch's batches over ``n`` held rows, a pure function of (seed, rank, epoch) so
-    that a resumed run draws the same batches; ``whole_only`` drops a last partial batch (DDP ranks
-    must take the same number of steps)."""
-    order = np.random.default_rng([seed, rank, epoch, 31]).permutation(n)
-    last = n - n % batch_size if whole_only else n
-    return [order[start:start + batch_size] for start in range(0, last, batch_size)]
 
 
 def _train_mode(run: _Run) -> None:
