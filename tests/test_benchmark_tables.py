@@ -115,6 +115,58 @@ def test_more_adaptation_speakers_leave_the_other_splits_as_they_were(tmp_path, 
     assert len(more) == len(demo) + 6 * 2
 
 
+def test_the_paper_scale_tier_sizes_a_domain_and_keeps_its_source_split(tmp_path):
+    """``<domain>_paper``: 8 dev, 20 test and 48 adaptation speakers (400 / 1,000 / 2,400 clips at scale 1),
+    speakers disjoint across splits, the train split (the source model's data) the domain's own audio;
+    ``_paper_adapt96`` doubles the adaptation speakers and leaves the dev and test audio as it was."""
+    import numpy as np
+    import soundfile as sf
+    from mifuse_ray.demo.domains import domain_named, generate_domain
+    assert domain_named("podcast_paper").speakers_per_split == {"train": 8, "dev": 8, "test": 20, "adapt": 48}
+    demo = pd.read_parquet(generate_domain(domain_named("podcast"), str(tmp_path / "demo"), scale=0.04))
+    paper = pd.read_parquet(generate_domain(domain_named("podcast_paper"), str(tmp_path / "paper"), scale=0.04))
+    curve = pd.read_parquet(generate_domain(domain_named("podcast_paper_adapt96"), str(tmp_path / "curve"), scale=0.04))
+    assert paper.groupby("split")["speaker_id"].nunique().to_dict() == {"train": 8, "dev": 8, "test": 20, "adapt": 48}
+    assert paper.groupby("speaker_id")["split"].nunique().max() == 1
+    for a, b in zip(demo[demo.split == "train"].itertuples(), paper[paper.split == "train"].itertuples()):
+        assert np.array_equal(sf.read(tmp_path / "demo" / a.path)[0], sf.read(tmp_path / "paper" / b.path)[0])
+    assert curve.groupby("split")["speaker_id"].nunique()["adapt"] == 96
+    for split in ("dev", "test"):
+        for a, b in zip(paper[paper.split == split].itertuples(), curve[curve.split == split].itertuples()):
+            assert a.oracle_label == b.oracle_label
+            assert np.array_equal(sf.read(tmp_path / "paper" / a.path)[0], sf.read(tmp_path / "curve" / b.path)[0])
+    with pytest.raises(KeyError, match="_paper"):
+        domain_named("podcast_huge")
+
+
+def test_the_paper_scale_record_names_what_ships_and_keeps_earlier_cells(tmp_path):
+    """paper_scale.csv: ``adapted`` is the mifuse run's EMA (what jobs/adapt.py ships), a baseline its own
+    final model, speaker-normalised scores ``*_by_speaker``; a rerun cell replaces its rows, others stay."""
+    from benchmarks.paper_scale import COLUMNS, long_rows, transfer_name, write_record
+
+    def m(uar):
+        return {"uar": uar, "wa": uar - 0.01, "uar_ci95": [uar - 0.03, uar + 0.03]}
+    results = {"labeling": {"clips": 2400},
+               "test": {"mifuse_student": m(0.50), "mifuse_ema": m(0.60), "fused_label": m(0.55),
+                        "lalm_zero_shot": m(0.45), "source_only": m(0.40), "mifuse_paper_student": m(0.30),
+                        "mifuse_paper_ema": m(0.35), "lalm_labels_student": m(0.47)},
+               "test_by_speaker": {"mifuse_ema": m(0.70), "lalm_zero_shot": m(0.65)}}
+    name = transfer_name("acted_studio", "meeting_room")
+    assert name == "acted_studio→meeting_room (validation domain)"
+    rows = long_rows(results, name, 0, ["mifuse_paper", "lalm_labels"])
+    got = {r["system"]: r["uar"] for r in rows}
+    assert got == {"adapted": 0.60, "fused_label": 0.55, "lalm_zero_shot": 0.45, "source_only": 0.40,
+                   "mifuse_paper_student": 0.35, "lalm_labels_student": 0.47, "adapted_by_speaker": 0.70,
+                   "lalm_zero_shot_by_speaker": 0.65}
+    assert all(r["n_adapt"] == 2400 and r["split"] == "test" for r in rows)
+    write_record(rows, str(tmp_path))
+    other = [dict(rows[0], seed=1, uar=0.61)]
+    table = write_record([dict(rows[0], uar=0.62)] + other, str(tmp_path))
+    assert list(table.columns) == COLUMNS and len(table) == len(rows) + 1
+    adapted = table[table.system == "adapted"].set_index("seed").uar.to_dict()
+    assert adapted == {0: 0.62, 1: 0.61}
+
+
 def test_student_bound_averages_transfers_within_a_seed_then_over_seeds(tmp_path, monkeypatch):
     """Rows of one recipe at several seeds: the mean over transfers per seed, then mean ± std over seeds."""
     from benchmarks import common

@@ -170,6 +170,10 @@ VALIDATION_DOMAINS: dict[str, DomainConfig] = {
 }
 ALL_DOMAINS = {**DEMO_DOMAINS, **VALIDATION_DOMAINS}
 _MORE_ADAPT_SPEAKERS = re.compile(r"^(?P<base>.+)_adapt(?P<speakers>\d+)$")
+# The benchmark's paper-scale tier: per target 400 labelled dev clips (8 speakers), 1,000 test clips (20) and
+# 2,400 adaptation clips (48), the size of the corpora SER adaptation is used on; the source's train split as is.
+PAPER_SPEAKERS = {"dev": 8, "test": 20, "adapt": 48}
+_PAPER = "_paper"
 
 
 def with_adapt_speakers(domain: DomainConfig, speakers: int) -> DomainConfig:
@@ -183,15 +187,38 @@ def with_adapt_speakers(domain: DomainConfig, speakers: int) -> DomainConfig:
                                speakers_per_split={**domain.speakers_per_split, "adapt": speakers})
 
 
+def at_paper_scale(domain: DomainConfig) -> DomainConfig:
+    """``domain`` with the paper-scale tier's dev, test and adaptation speakers (``PAPER_SPEAKERS``), named
+    ``<name>_paper``: the same voices, prosody and recording chain, more of them (a size, not a change).
+    Its train split is the domain's, so a source model trained on either is the same model."""
+    return dataclasses.replace(domain, name=f"{domain.name}{_PAPER}",
+                               description=f"{domain.description}; paper scale",
+                               speakers_per_split={**domain.speakers_per_split, **PAPER_SPEAKERS})
+
+
 def domain_named(name: str) -> DomainConfig:
-    """A domain by name: a demo or validation domain, or ``<domain>_adapt<N>`` for one with N adaptation
-    speakers (``with_adapt_speakers``). Unknown names raise KeyError with the names there are."""
+    """A domain by name: a demo or validation domain, ``<domain>_paper`` at the paper-scale tier's size
+    (``at_paper_scale``), and either with ``_adapt<N>`` for N adaptation speakers (``with_adapt_speakers``;
+    ``<domain>_paper_adapt96`` is the paper tier with 4,800 adaptation clips, its test split unchanged).
+    Unknown names raise KeyError with the names there are."""
+    match = _MORE_ADAPT_SPEAKERS.match(name)
+    if match:
+        base = _named_base(match["base"])
+        if base is not None:
+            return with_adapt_speakers(base, int(match["speakers"]))
+    base = _named_base(name)
+    if base is None:
+        raise KeyError(f"unknown domain {name!r}; choose from {', '.join(ALL_DOMAINS)} "
+                       "(or <domain>_paper, <domain>_adapt<N>, <domain>_paper_adapt<N>)")
+    return base
+
+
+def _named_base(name: str) -> DomainConfig | None:
     if name in ALL_DOMAINS:
         return ALL_DOMAINS[name]
-    match = _MORE_ADAPT_SPEAKERS.match(name)
-    if match and match["base"] in ALL_DOMAINS:
-        return with_adapt_speakers(ALL_DOMAINS[match["base"]], int(match["speakers"]))
-    raise KeyError(f"unknown domain {name!r}; choose from {', '.join(ALL_DOMAINS)} (or <domain>_adapt<N>)")
+    if name.endswith(_PAPER) and name[:-len(_PAPER)] in ALL_DOMAINS:
+        return at_paper_scale(ALL_DOMAINS[name[:-len(_PAPER)]])
+    return None
 
 
 def ensure_domain(name_or_cfg, root: str, scale: float = 1.0) -> str:

@@ -1,0 +1,120 @@
+"""The paper-scale tier: every system on targets the size of real SER corpora, in one long table.
+
+    python -m benchmarks.paper_scale [--seeds 0 1 2] [--transfers acted_studio:call_centre ...]
+        [--baselines lalm_labels source_labels shot_im mifuse_paper equal_weights no_ema]
+        [--curve 6 12 24 48 96] [--curve-baselines lalm_labels] [--set train.augment=false ...]
+        [--runs outputs/benchmarks/paper_scale] [--out benchmarks/results/paper_scale]
+
+Each cell is the six-transfer benchmark's cell (``transfers.run_cell``: an adapt run with the baselines,
+resumable, its labels and students reused) onto ``<target>_paper`` (``demo.domains.at_paper_scale``:
+2,400 adaptation, 400 dev and 1,000 test clips, speakers disjoint), for the six demo transfers and the
+two validation domains (named as such), a whole seed at a time. ``--curve`` adds the learning curve:
+the shipped recipe and ``--curve-baselines`` on ``<target>_paper_adapt<N>`` for N adaptation speakers
+(50 clips each) at seed 0, the same dev and test clips for every N. ``--set`` changes a setting in every
+cell (it is part of the cells' folder names, so cells at other settings are kept apart).
+
+Writes ``paper_scale.csv`` (``system,transfer,seed,n_adapt,split,uar,uar_ci_lo,uar_ci_hi,wa``, one row per
+system, transfer, seed and adaptation size; speaker-normalised scores as ``<system>_by_speaker``) from
+whatever cells are finished, after every cell.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import pandas as pd
+import yaml
+
+from benchmarks.common import results_dir, runs_dir
+from benchmarks.transfers import BASELINES, BY_SPEAKER, TRANSFER_DOMAINS, run_cell
+
+VALIDATION_TRANSFERS = [("acted_studio", "meeting_room"), ("call_centre", "voice_notes")]
+COLUMNS = ["system", "transfer", "seed", "n_adapt", "split", "uar", "uar_ci_lo", "uar_ci_hi", "wa"]
+
+
+def transfer_name(source: str, target: str) -> str:
+    validation = any(target.startswith(t) for _, t in VALIDATION_TRANSFERS)
+    return f"{source}→{target}" + (" (validation domain)" if validation else "")
+
+
+def shipped_systems(test: dict, baselines) -> dict[str, str]:
+    """{record name: the run's result key}: what ``jobs/adapt.py`` ships is the mifuse run's final model
+    (its EMA where it keeps one), and a baseline is likewise its run's final model."""
+    def final(run):
+        return f"{run}_ema" if f"{run}_ema" in test else f"{run}_student"
+    systems = {"adapted": final("mifuse"), "fused_label": "fused_label", "lalm_zero_shot": "lalm_zero_shot",
+               "source_only": "source_only"}
+    systems.update({f"{b}_student": final(b) for b in baselines})
+    return {name: key for name, key in systems.items() if key in test}
+
+
+def long_rows(results: dict, transfer: str, seed: int, baselines) -> list[dict]:
+    """One row per system (and per speaker-normalised system) of a finished cell's results."""
+    n_adapt = int(results.get("labeling", {}).get("clips", 0))
+    rows = []
+    for key, suffix in (("test", ""), ("test_by_speaker", BY_SPEAKER)):
+        scores = results.get(key) or {}
+        for name, result_key in shipped_systems(results.get("test", {}), baselines).items():
+            m = scores.get(result_key)
+            if m is None:
+                continue
+            lo, hi = m.get("uar_ci95", [float("nan")] * 2)
+            rows.append({"system": name + suffix, "transfer": transfer, "seed": seed, "n_adapt": n_adapt,
+                         "split": "test", "uar": m["uar"], "uar_ci_lo": lo, "uar_ci_hi": hi, "wa": m["wa"]})
+    return rows
+
+
+def write_record(rows: list[dict], out: str) -> pd.DataFrame:
+    """The committed record with ``rows`` added: a row of a cell run again replaces its old one, and
+    rows of cells this invocation did not run (another seed, the curve) stay."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "paper_scale.csv")
+    old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
+    table = pd.concat([old, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)
+    table = table.drop_duplicates(["system", "transfer", "seed", "n_adapt"], keep="last")
+    table.to_csv(path, index=False)
+    return table
+
+
+def parse_settings(items) -> tuple:
+    """``key=value`` strings as the (key, value) pairs ``run_cell`` takes (values read as YAML)."""
+    pairs = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write it as key=value, e.g. train.augment=false")
+        pairs.append((key, yaml.safe_load(value)))
+    return tuple(pairs)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--transfers", nargs="*", default=None, help="source:target pairs (default: six + two validation)")
+    p.add_argument("--baselines", nargs="*", default=BASELINES, choices=BASELINES)
+    p.add_argument("--curve", type=int, nargs="*", default=[], help="adaptation speakers per learning-curve point")
+    p.add_argument("--curve-baselines", nargs="*", default=["lalm_labels"], choices=BASELINES)
+    p.add_argument("--set", nargs="*", default=[], help="key=value settings for every cell")
+    p.add_argument("--runs", default=runs_dir("paper_scale"))
+    p.add_argument("--out", default=results_dir("paper_scale"))
+    args = p.parse_args(argv)
+    from mifuse_ray.ray_utils import init_ray
+    init_ray()
+    settings, runs = parse_settings(args.set), os.path.abspath(args.runs)
+    transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
+        [*itertools.permutations(TRANSFER_DOMAINS, 2), *VALIDATION_TRANSFERS]
+    rows = []
+    cells = [(seed, source, f"{target}_paper", args.baselines) for seed, (source, target)
+             in itertools.product(args.seeds, transfers)]
+    cells += [(0, source, f"{target}_paper_adapt{n}", args.curve_baselines) for n in args.curve
+              for source, target in transfers]
+    for seed, source, target, baselines in cells:
+        results = run_cell(source, target, seed, runs, 1.0, settings, baselines=baselines)
+        rows += long_rows(results, transfer_name(source, target.split("_paper")[0]), seed, baselines)
+        table = write_record(rows, args.out)
+        print(f"{len(table)} rows in {os.path.join(args.out, 'paper_scale.csv')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
