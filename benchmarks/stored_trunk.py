@@ -69,6 +69,53 @@ def one_way(cfg, tables, choice, inputs, name: str, settings: dict, epochs: int)
             "train_student_s": wall, "final_dev_uar": res.history[-1].get("final_dev_uar")}
 
 
+VARIANTS = {"main": "waveform, augmented", "train.augment=False": "stored",
+            "train.augment=False, train.features=waveform": "waveform"}
+
+
+def compare_cells(runs: str) -> pd.DataFrame:
+    """Per finished (transfer, seed): the shipped model's dev UAR (the student's dev half, the split a
+    choice between the ways is made on) and test UAR with its 95% clip-bootstrap CI, for each way, from the
+    cells ``benchmarks.transfers --ablations stored_trunk`` wrote under ``runs``."""
+    import glob
+    import json
+    rows = []
+    for done in sorted(glob.glob(os.path.join(runs, "*__*", "seed*", "*", "results.json"))):
+        folder = os.path.dirname(done)
+        meta = os.path.join(folder, "cell.json")
+        cell = json.load(open(meta)) if os.path.exists(meta) else None
+        if cell is None or cell["variant"] not in VARIANTS:
+            continue
+        res = json.load(open(done))["results"]
+        test = res["test"].get("mifuse_ema") or res["test"]["mifuse_student"]
+        chosen = res["selection"]["mifuse"]
+        rows.append({"transfer": cell["transfer"], "seed": cell["seed"], "way": VARIANTS[cell["variant"]],
+                     "dev_uar": chosen["ema_dev_uar"] if chosen["ema_dev_uar"] is not None else chosen["dev_uar"],
+                     "test_uar": test["uar"], "test_ci_half": (test["uar_ci95"][1] - test["uar_ci95"][0]) / 2,
+                     "fused_label_test_uar": res["test"]["fused_label"]["uar"],
+                     "train_seconds": chosen["train_seconds"]})
+    return pd.DataFrame(rows)
+
+
+def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Each way over the (transfer, seed) cells every way finished: mean dev and test UAR, the mean
+    paired difference to the default per cell (and its spread over cells), training seconds."""
+    complete = cells.groupby(["transfer", "seed"]).way.nunique() == len(VARIANTS)
+    keys = set(complete[complete].index)
+    cells = cells[[k in keys for k in zip(cells.transfer, cells.seed)]]
+    default = cells[cells.way == "waveform, augmented"].set_index(["transfer", "seed"])
+    rows = []
+    for way, w in cells.groupby("way", sort=False):
+        w = w.set_index(["transfer", "seed"])
+        d_dev, d_test = w.dev_uar - default.dev_uar, w.test_uar - default.test_uar
+        rows.append({"way": way, "cells": len(w), "dev_uar": w.dev_uar.mean(), "test_uar": w.test_uar.mean(),
+                     "dev_minus_default": d_dev.mean(), "dev_diff_sd": d_dev.std(ddof=1),
+                     "test_minus_default": d_test.mean(), "test_diff_sd": d_test.std(ddof=1),
+                     "test_ci_half": w.test_ci_half.mean(), "fused_label_test_uar": w.fused_label_test_uar.mean(),
+                     "train_seconds": w.train_seconds.mean()})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="call_centre_adapt48")
@@ -76,7 +123,20 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--runs", default=runs_dir("stored_trunk"))
     ap.add_argument("--out", default=results_dir("stored_trunk"))
+    ap.add_argument("--compare", default="", help="a transfers run tree: tabulate its stored_trunk ablation instead")
     args = ap.parse_args(argv)
+    if args.compare:
+        cells = compare_cells(args.compare)
+        table = comparison_table(cells)
+        os.makedirs(args.out, exist_ok=True)
+        cells.to_csv(os.path.join(args.out, "ways_cells.csv"), index=False)
+        text = (f"# Stored trunk output against the waveform path, the six transfers\n\n`python -m benchmarks.transfers "
+                f"--seeds 0 1 2 --baselines --ablations stored_trunk`, then `python -m benchmarks.stored_trunk --compare "
+                f"<its runs>` on {machine()}, commit {commit()}.\n\n" + markdown_table(table) + "\n")
+        with open(os.path.join(args.out, "ways.md"), "w") as fh:
+            fh.write(text)
+        print(text)
+        return
     cfg, tables, choice, inputs = labelled(args.target, args.runs, args.scale)
     rows = [one_way(cfg, tables, choice, inputs, name, settings, args.epochs) for name, settings in WAYS.items()]
     table = pd.DataFrame(rows)

@@ -167,6 +167,23 @@ def test_the_paper_scale_record_names_what_ships_and_keeps_earlier_cells(tmp_pat
     assert adapted == {0: 0.62, 1: 0.61}
 
 
+def test_the_ways_are_compared_cell_by_cell_on_the_cells_every_way_finished():
+    from benchmarks.stored_trunk import VARIANTS, comparison_table
+    rows = []
+    for (transfer, seed), base in {("a→b", 0): 0.5, ("a→b", 1): 0.6, ("b→a", 0): 0.4}.items():
+        for i, way in enumerate(VARIANTS.values()):
+            if (transfer, seed) == ("b→a", 0) and way == "stored":
+                continue                                   # an unfinished cell leaves its transfer-seed out
+            rows.append({"transfer": transfer, "seed": seed, "way": way, "dev_uar": base + 0.01 * i,
+                         "test_uar": base + 0.02 * i, "test_ci_half": 0.08, "fused_label_test_uar": 0.55,
+                         "train_seconds": 10.0})
+    table = comparison_table(pd.DataFrame(rows)).set_index("way")
+    assert set(table.cells) == {2}
+    assert table.loc["stored", "test_minus_default"] == pytest.approx(0.02)
+    assert table.loc["waveform", "dev_minus_default"] == pytest.approx(0.02)
+    assert table.loc["waveform, augmented", "test_uar"] == pytest.approx(0.55)
+
+
 def test_student_bound_averages_transfers_within_a_seed_then_over_seeds(tmp_path, monkeypatch):
     """Rows of one recipe at several seeds: the mean over transfers per seed, then mean ± std over seeds."""
     from benchmarks import common
