@@ -177,6 +177,7 @@ class AdaptResult:
 
 def adapt(cfg: MiFuseConfig) -> AdaptResult:
     """Label → train → evaluate → report."""
+    from .choice_record import choice_record
     from .evaluation import evaluate_run
     from .labeling import estimate_spend
     from .report import write_report
@@ -213,9 +214,12 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     results["labeling"] = split_labels["adapt"].summary
     results["labeling_test"] = test_labels.summary if test_labels else None
     results["estimated_spend"] = spend
+    results["choices"] = choice_record(cfg, choice, students)
     times["total"] = time.time() - t0
     with stage("writing the report", 5, 5):
         report = write_report(cfg, out, results, times, split_labels["adapt"].table, students)
+    with open(os.path.join(out, "choices.json"), "w") as fh:
+        json.dump(results["choices"], fh, indent=2, default=str)
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"results": results, "stage_seconds": times, "config": to_dict(cfg)}, fh, indent=2, default=str)
     return AdaptResult(out, report, results, times)

@@ -249,11 +249,14 @@ def write_report(cfg: MiFuseConfig, out_dir: str, results: dict, times: dict, la
     if has_curves:
         lines += ["![training curves](training.png)", ""]
     lines += fusion_lines(lab) + labelling_lines(lab, results.get("estimated_spend", {}))
+    if results.get("choices"):
+        from .choice_record import choice_lines
+        lines += choice_lines(results["choices"])
     lines += ["## Wall time per stage", "",
               markdown_table(pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in times.items()])),
               "Files: `labels/labels.parquet` (every clip, every draw), `labels_dev/`, `labels_test/`, "
               "`models/<run>/{student,ema}` (checkpoints in the source format), `tensorboard/`, `run.json` "
-              "(config, commit, versions, hashes), `results.json`."]
+              "(config, commit, versions, hashes), `results.json`, `choices.json` (what was chosen on which split)."]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -60,6 +60,14 @@ def test_adapt_writes_every_artefact(adapt_run):
     # the test clips name a speaker with enough clips: every system is also scored speaker-normalised
     assert set(results["test_by_speaker"]) == set(results["test"])
     assert "With speaker-normalised inference" in report
+    # choose on dev, score on test: the record says where each choice was made
+    choices = {c["choice"]: c for c in json.load(open(os.path.join(out, "choices.json")))}
+    assert choices == {c["choice"]: c for c in results["choices"]}
+    fusion = choices["fusion"]
+    assert fusion["value"] == results["labeling"]["fusion"]["chosen"] and fusion["made_on"] == "dev, first half"
+    assert fusion["clips"] > 0 and 0 < fusion["score"]["fused_label_uar"] <= 1
+    assert choices["mifuse student's final model"]["made_on"] == "nothing (the last epoch)"
+    assert choices["test split"]["made_on"] == "test" and "## Choices: what was chosen on which split" in report
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["git_commit"] and run["packages"]["ray"] and run["manifest_sha256"] and run["lalm_endpoint"]
     assert run["config"]["lalm"]["api_key_env"] == "MIFUSE_LALM_API_KEY"

@@ -39,3 +39,30 @@ def test_a_wa_far_under_the_lalms_is_said_in_the_verdict():
     assert "**Plain accuracy:** its WA is 0.433 against the LALM's 0.527 (-0.094)" in text
     results["test"]["lalm_zero_shot"]["wa"] = 0.47
     assert "Plain accuracy" not in "\n".join(verdict_lines(results, 4))
+
+
+def test_the_choice_record_says_which_split_made_each_choice():
+    """choices.json: the fusion chosen on the first dev half with its score, the epoch chosen on the second
+    half only with train.final_model smoothed_dev, and the test split chosen on by nothing."""
+    from types import SimpleNamespace
+
+    from mifuse_ray.choice_record import choice_lines, choice_record
+    from mifuse_ray.config import MiFuseConfig
+    choice = SimpleNamespace(name="mean_balanced", note="chosen among …",
+                             dev_scores={"mean_balanced": {"uar": 0.61, "ci95": [0.5, 0.7], "clips": 70},
+                                         "paper": {"uar": 0.4, "ci95": [0.3, 0.5], "clips": 70}})
+    students = {"mifuse": SimpleNamespace(chosen="ema", best_metrics={"epoch": 9, "smoothed_dev_uar": 0.58})}
+    cfg = MiFuseConfig()
+    cfg.train.final_model = "smoothed_dev"
+    rows = {r["choice"]: r for r in choice_record(cfg, choice, students)}
+    assert rows["fusion"]["value"] == "mean_balanced" and rows["fusion"]["score"]["fused_label_uar"] == 0.61
+    assert rows["fusion"]["made_on"] == "dev, first half" and rows["fusion"]["clips"] == 70
+    assert rows["mifuse student's final model"] == {**rows["mifuse student's final model"],
+                                                    "value": "ema after epoch 9", "made_on": "dev, second half"}
+    assert rows["test split"]["made_on"] == "test"
+    unchosen = SimpleNamespace(name="configured", note="configured fusion, no dev split used", dev_scores={})
+    cfg.train.final_model = "final"
+    rows = {r["choice"]: r for r in choice_record(cfg, unchosen, students)}
+    assert rows["fusion"]["made_on"].startswith("nothing") and rows["fusion"]["score"] is None
+    assert rows["mifuse student's final model"]["made_on"] == "nothing (the last epoch)"
+    assert "| fusion | configured | nothing (the configured fusion as is) |  |" in choice_lines(list(rows.values()))
