@@ -65,11 +65,18 @@ def long_rows(results: dict, transfer: str, seed: int, baselines) -> list[dict]:
     return rows
 
 
-def write_record(rows: list[dict], out: str) -> pd.DataFrame:
+def record_name(settings=()) -> str:
+    """``paper_scale.csv`` for the shipped recipe; a run with ``--set`` writes its own record
+    (``paper_scale__augmentFalse.csv``), so its ``adapted`` rows never pass for what ``jobs/adapt.py`` ships."""
+    tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in settings)
+    return f"paper_scale__{tag}.csv" if tag else "paper_scale.csv"
+
+
+def write_record(rows: list[dict], out: str, settings=()) -> pd.DataFrame:
     """The committed record with ``rows`` added: a row of a cell run again replaces its old one, and
     rows of cells this invocation did not run (another seed, the curve) stay."""
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "paper_scale.csv")
+    path = os.path.join(out, record_name(settings))
     old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
     table = pd.concat([old, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)
     table = table.drop_duplicates(["system", "transfer", "seed", "n_adapt"], keep="last")
@@ -112,8 +119,8 @@ def main(argv=None) -> None:
     for seed, source, target, baselines in cells:
         results = run_cell(source, target, seed, runs, 1.0, settings, baselines=baselines)
         rows += long_rows(results, transfer_name(source, target.split("_paper")[0]), seed, baselines)
-        table = write_record(rows, args.out)
-        print(f"{len(table)} rows in {os.path.join(args.out, 'paper_scale.csv')}", flush=True)
+        table = write_record(rows, args.out, settings)
+        print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
 
 
 if __name__ == "__main__":

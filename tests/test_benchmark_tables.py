@@ -165,6 +165,8 @@ def test_the_paper_scale_record_names_what_ships_and_keeps_earlier_cells(tmp_pat
     assert list(table.columns) == COLUMNS and len(table) == len(rows) + 1
     adapted = table[table.system == "adapted"].set_index("seed").uar.to_dict()
     assert adapted == {0: 0.62, 1: 0.61}
+    write_record(rows, str(tmp_path), (("train.augment", False),))
+    assert (tmp_path / "paper_scale__augmentFalse.csv").exists() and len(pd.read_csv(tmp_path / "paper_scale.csv")) == len(table)
 
 
 def test_the_ways_are_compared_cell_by_cell_on_the_cells_every_way_finished():
