@@ -166,6 +166,9 @@ def load_model(directory: str, dropout_override: float | None = None, labels=Non
     elif meta["arch"] == "hf":
         from .hf import HFAudioClassifier
         model = HFAudioClassifier.load(directory, meta, labels=labels)
+    elif meta["arch"] == "whisper":
+        from .whisper import WhisperSER
+        model = WhisperSER.load(directory, meta, labels=labels)
     elif meta["arch"] == "hf_lora":
         from .lora import HFLoRAClassifier
         model = HFLoRAClassifier.load(directory, meta, labels=labels)
