@@ -41,3 +41,15 @@ def mean_std(values) -> str:
     if not values:
         return ""
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def merge_record(path: str, rows: list[dict], columns: list[str], keys: list[str]):
+    """The long-format record at ``path`` with ``rows`` added: a row with the same ``keys`` as an old one
+    replaces it, and rows this invocation did not produce (other seeds, sizes, encoders) stay."""
+    import pandas as pd
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=columns)
+    table = pd.concat([old, pd.DataFrame(rows, columns=columns)], ignore_index=True)
+    table = table.drop_duplicates(keys, keep="last")
+    table.to_csv(path, index=False)
+    return table

@@ -26,7 +26,7 @@ import os
 import pandas as pd
 import yaml
 
-from benchmarks.common import results_dir, runs_dir
+from benchmarks.common import merge_record, results_dir, runs_dir
 from benchmarks.transfers import BASELINES, BY_SPEAKER, TRANSFER_DOMAINS, run_cell
 
 VALIDATION_TRANSFERS = [("acted_studio", "meeting_room"), ("call_centre", "voice_notes")]
@@ -75,13 +75,7 @@ def record_name(settings=()) -> str:
 def write_record(rows: list[dict], out: str, settings=()) -> pd.DataFrame:
     """The committed record with ``rows`` added: a row of a cell run again replaces its old one, and
     rows of cells this invocation did not run (another seed, the curve) stay."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, record_name(settings))
-    old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
-    table = pd.concat([old, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)
-    table = table.drop_duplicates(["system", "transfer", "seed", "n_adapt"], keep="last")
-    table.to_csv(path, index=False)
-    return table
+    return merge_record(os.path.join(out, record_name(settings)), rows, COLUMNS, ["system", "transfer", "seed", "n_adapt"])
 
 
 def parse_settings(items) -> tuple:

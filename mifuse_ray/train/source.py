@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from ..audio import list_inputs
 from ..config import MiFuseConfig
-from ..metrics import uar_from_confusion, wa_from_confusion
-from .common import augment, crop_batch, device_for_worker, evaluate_shard, lr_schedule
+from ..metrics import confusion_matrix, uar_from_confusion, wa_from_confusion
+from .common import (all_reduce_sum, augment, batch_inputs, crop_batch, device_for_worker, evaluate_shard,
+                     lr_schedule)
 
 
 def _source_loop(config: dict) -> None:
@@ -65,6 +66,61 @@ def _source_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
+@torch.no_grad()
+def _pooled_rows(model, shard, device, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's clips as the frozen trunk's pooled output (N, D) and their label indices (N,)."""
+    xs, ys = [], []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        x, lengths = batch_inputs(batch)
+        xs.append(model.pooled(model.trunk(x.to(device), lengths.to(device))).cpu())
+        ys.append(torch.as_tensor(np.asarray(batch["label_index"]), dtype=torch.long))
+    return (torch.cat(xs), torch.cat(ys)) if xs else (torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))
+
+
+def _frozen_encoder_loop(config: dict) -> None:
+    """A head on a frozen pretrained encoder: the encoder runs once per clip (no augmentation: it
+    would need the encoder again every epoch), then the head learns on the held vectors."""
+    import ray.train
+    import ray.train.torch
+    from ..models.base import OnStoredTrunk
+    from ..models.whisper import convert
+
+    rank = ray.train.get_context().get_world_rank()
+    device = device_for_worker()
+    core = convert(config["encoder"], config["labels"], seed=config["seed"]).to(device).requires_grad_(False)
+    x_train, y_train = _pooled_rows(core, ray.train.get_dataset_shard("train"), device)
+    x_dev, y_dev = _pooled_rows(core, ray.train.get_dataset_shard("dev"), device)
+    for layer in core.head_layers():
+        layer.requires_grad_(True)
+    fed = ray.train.torch.prepare_model(OnStoredTrunk(core))
+    opt = torch.optim.AdamW([p for p in fed.parameters() if p.requires_grad], lr=config["lr"],
+                            weight_decay=config["weight_decay"])
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    best = -1.0
+    for epoch in range(config["epochs"]):
+        fed.train()
+        losses = []
+        for rows in torch.randperm(len(x_train), generator=gen).split(config["batch_size"]):
+            loss = F.cross_entropy(fed(x_train[rows].to(device)), y_train[rows].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        fed.eval()
+        with torch.no_grad():
+            pred = fed(x_dev.to(device)).argmax(1).cpu().numpy() if len(x_dev) else np.zeros(0, int)
+        cm = all_reduce_sum(confusion_matrix(y_dev.numpy(), pred, core.num_classes).astype(np.float64))
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "dev_uar": uar_from_confusion(cm), "dev_wa": wa_from_confusion(cm)}
+        improved, best = metrics["dev_uar"] > best, max(best, metrics["dev_uar"])
+        if rank == 0 and improved:
+            with tempfile.TemporaryDirectory() as tmp:
+                core.save(tmp, {"trained_on": config["trained_on"], "dev_uar": metrics["dev_uar"]})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
 def labelled_split(manifest: str, split: str, labels) -> pd.DataFrame:
     df = list_inputs(manifest, split=split)
     df = df[df["label"].notna()].reset_index(drop=True)
@@ -93,8 +149,10 @@ def train_source(cfg: MiFuseConfig, manifest: str, out_dir: str, eval_splits=("t
                     crop_len=int(cfg.audio.train_crop_s * cfg.audio.sample_rate), n_train=len(train_df),
                     world_size=st.num_workers, trained_on=os.path.abspath(manifest))
     storage = cfg.train.storage_path or os.path.abspath(os.path.join(out_dir, "_ray_train"))
+    if st.encoder != "cnn":
+        loop_cfg.update(encoder=st.encoder, epochs=st.head_epochs, lr=st.head_lr)
     trainer = TorchTrainer(
-        _source_loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=ordered_ingest(),
+        _source_loop if st.encoder == "cnn" else _frozen_encoder_loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=ordered_ingest(),
         scaling_config=ray.train.ScalingConfig(num_workers=st.num_workers, use_gpu=st.use_gpu,
                                                resources_per_worker={"CPU": st.cpus_per_worker}),
         run_config=ray.train.RunConfig(storage_path=storage, name="source",
