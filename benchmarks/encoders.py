@@ -49,6 +49,18 @@ def cell_rows(results: dict, encoder: str, transfer: str, scale: str, seed: int)
              "uar": test[key]["uar"], "wa": test[key]["wa"]} for name, key in shipped_systems(test, ()).items()]
 
 
+def rows_from_transfer_cells(path: str, variant: str = "train.augment=False") -> list[dict]:
+    """The CNN's rows from a six-transfer record's cells at this recipe (``benchmarks.transfers --ablations
+    stored_trunk`` runs exactly these cells), instead of running them again."""
+    cells = pd.read_csv(path)
+    cells = cells[cells.variant == variant]
+    names = {"mifuse_ema": "adapted", "fused_label": "fused_label", "lalm_zero_shot": "lalm_zero_shot",
+             "source_only": "source_only"}
+    cells = cells[cells.system.isin(names)]
+    return [{"encoder": "cnn", "transfer": r.transfer, "scale": "demo", "seed": int(r.seed), "system": names[r.system],
+             "uar": r.uar, "wa": r.wa} for r in cells.itertuples()]
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per (encoder, scale, system): each transfer's mean over seeds, and the six demo transfers' average."""
     table = table.copy()
@@ -94,13 +106,14 @@ def speed_rows(encoders, n: int = 64, batch: int = 16) -> list[dict]:
     for encoder in encoders:
         model = LogMelCNN(labels=labels) if encoder == "cnn" else convert(encoder, labels)
         model.eval()
-        timings = {}
-        for k in (0, 10):
-            mc_predict(model, *batches[0], torch.zeros(batch, k, dtype=torch.int64), scope="head")   # warm-up
+        timings = {0: [], 10: []}
+        mc_predict(model, *batches[0], torch.zeros(batch, 0, dtype=torch.int64), scope="head")   # warm-up
+        for k in (0, 10) * 3:                               # interleaved, the median of three of each
             start = time.perf_counter()
             for wav, lengths in batches:
                 mc_predict(model, wav, lengths, torch.arange(len(wav) * k).reshape(len(wav), k), scope="head")
-            timings[k] = time.perf_counter() - start
+            timings[k].append(time.perf_counter() - start)
+        timings = {k: float(np.median(v)) for k, v in timings.items()}
         rows.append({"encoder": encoder, "parameters (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                      "clips/s, one pass (2.2-s clips)": n / timings[0], "K=10 head passes / one pass": timings[10] / timings[0]})
     return rows
@@ -151,6 +164,7 @@ def main(argv=None) -> None:
                    help="source:target pairs (default: the six demo transfers, then each source onto game_voices)")
     p.add_argument("--scale", choices=["demo", "paper"], default="demo")
     p.add_argument("--speed", action="store_true", help="measure throughput, MC overhead and the window instead")
+    p.add_argument("--cnn-from", default="", help="a transfers_cells.csv whose train.augment=False cells are the CNN's")
     p.add_argument("--runs", default=runs_dir("encoders"))
     p.add_argument("--out", default=results_dir("encoders"))
     args = p.parse_args(argv)
@@ -175,7 +189,7 @@ def main(argv=None) -> None:
     if any(t == "game_voices" for _, t in transfers):
         from mifuse_ray.game_voices import build
         build(voices)
-    rows = []
+    rows = rows_from_transfer_cells(args.cnn_from) if args.cnn_from else []
     for seed, encoder, (source, target) in itertools.product(args.seeds, args.encoders, transfers):
         cell_target = f"{target}_paper" if args.scale == "paper" and target != "game_voices" else target
         results = run_cell(source, cell_target, seed, runs, 1.0, encoder_settings(encoder))

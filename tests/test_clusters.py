@@ -74,5 +74,7 @@ def test_example_configs_parse_and_say_how_to_run_them():
         cfg = apply_overrides(MiFuseConfig(), load_yaml(path))
         if name == "demo.yaml":
             assert result_fields(cfg) == result_fields(MiFuseConfig())
+        elif name.startswith("whisper"):
+            assert cfg.source_train.encoder != "cnn" and cfg.source.mc_scope == "head" and not cfg.train.augment
         else:
             assert cfg.lalm.preset != "offline" and cfg.lalm.allow_remote_audio and cfg.source.checkpoint
