@@ -65,6 +65,29 @@ def long_rows(results: dict, transfer: str, seed: int, baselines) -> list[dict]:
     return rows
 
 
+DIFFERENCE_COLUMNS = ["comparison", "transfer", "seed", "n_adapt", "diff", "ci_lo", "ci_hi"]
+
+
+def difference_rows(results: dict, transfer: str, seed: int, baselines, num_classes: int = 4) -> list[dict]:
+    """The differences the targets name, each on the same test clips with its paired bootstrap 95% CI
+    (``evaluation.compare``): the adapted model against its labels, each teacher and the best baseline."""
+    from mifuse_ray.evaluation import compare
+    systems = shipped_systems(results.get("test", {}), baselines)
+    test = results.get("test", {})
+    students = [name for name in systems if name.endswith("_student")]
+    others = ["fused_label", "lalm_zero_shot", "source_only"]
+    if students:
+        others.append(max(students, key=lambda name: test[systems[name]]["uar"]))
+    rows = []
+    for other in others:
+        got = compare(results, systems["adapted"], systems[other], num_classes) if other in systems else None
+        if got is not None:
+            rows.append({"comparison": f"adapted - {other}", "transfer": transfer, "seed": seed,
+                         "n_adapt": int(results.get("labeling", {}).get("clips", 0)),
+                         "diff": got[0], "ci_lo": got[1], "ci_hi": got[2]})
+    return rows
+
+
 def record_name(settings=()) -> str:
     """``paper_scale.csv`` for the shipped recipe; a run with ``--set`` writes its own record
     (``paper_scale__augmentFalse.csv``), so its ``adapted`` rows never pass for what ``jobs/adapt.py`` ships."""
@@ -105,15 +128,19 @@ def main(argv=None) -> None:
     settings, runs = parse_settings(args.set), os.path.abspath(args.runs)
     transfers = [tuple(t.split(":")) for t in args.transfers] if args.transfers else \
         [*itertools.permutations(TRANSFER_DOMAINS, 2), *VALIDATION_TRANSFERS]
-    rows = []
+    rows, differences = [], []
     cells = [(seed, source, f"{target}_paper", args.baselines) for seed, (source, target)
              in itertools.product(args.seeds, transfers)]
     cells += [(0, source, f"{target}_paper_adapt{n}", args.curve_baselines) for n in args.curve
               for source, target in transfers]
     for seed, source, target, baselines in cells:
         results = run_cell(source, target, seed, runs, 1.0, settings, baselines=baselines)
-        rows += long_rows(results, transfer_name(source, target.split("_paper")[0]), seed, baselines)
+        name = transfer_name(source, target.split("_paper")[0])
+        rows += long_rows(results, name, seed, baselines)
+        differences += difference_rows(results, name, seed, baselines)
         table = write_record(rows, args.out, settings)
+        merge_record(os.path.join(args.out, record_name(settings).replace("paper_scale", "paper_scale_differences")),
+                     differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
 
 

@@ -279,3 +279,22 @@ def test_the_table_states_the_clip_bootstrap_ci_beside_the_seed_spread(tmp_path)
     assert row.rstrip(" |").endswith("±0.080")
     again = collect_cells(str(tmp_path / "no_runs"), str(tmp_path))     # a fresh checkout: the committed csv
     assert again[("a→b", 1, "main")]["test"]["fused_label"]["uar_ci95"] == pytest.approx([0.54, 0.66])
+
+
+def test_the_paper_scale_differences_are_paired_on_the_same_clips():
+    """adapted − each teacher and the best baseline, with a paired bootstrap CI that holds the difference;
+    a system right on every clip the other misses gives a CI above 0."""
+    from benchmarks.paper_scale import difference_rows
+    truth = {f"c{i}": i % 4 for i in range(200)}
+    right = {c: y for c, y in truth.items()}
+    wrong = {c: (y + 1) % 4 if i % 2 else y for i, (c, y) in enumerate(truth.items())}
+    results = {"labeling": {"clips": 2400}, "truth": truth,
+               "test": {k: {"uar": u} for k, u in [("mifuse_ema", 1.0), ("fused_label", 0.5), ("lalm_zero_shot", 0.5),
+                                                   ("source_only", 0.5), ("lalm_labels_student", 0.5)]},
+               "predictions": {"mifuse_ema": right, "fused_label": wrong, "lalm_zero_shot": wrong,
+                               "source_only": right, "lalm_labels_student": wrong}}
+    rows = {r["comparison"]: r for r in difference_rows(results, "a→b", 0, ["lalm_labels"])}
+    assert set(rows) == {"adapted - fused_label", "adapted - lalm_zero_shot", "adapted - source_only",
+                         "adapted - lalm_labels_student"}
+    assert rows["adapted - fused_label"]["ci_lo"] > 0 and rows["adapted - fused_label"]["diff"] == pytest.approx(0.5)
+    assert rows["adapted - source_only"]["diff"] == 0 == rows["adapted - source_only"]["ci_lo"]
