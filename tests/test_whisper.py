@@ -134,3 +134,32 @@ def test_a_whisper_source_model_trains_its_head_on_the_frozen_encoder(ray_cluste
     for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b) == name.startswith("model.encoder."), name
     assert summary["best_dev_uar"] > 0.4
+
+
+def test_a_lora_adapter_on_the_whisper_encoder_saves_alone_and_loads_onto_its_base(tmp_path):
+    """train.lora_rank on a Whisper source model: only the adapter and the head train, the adapted
+    model starts as its base, and the saved adapter rebuilt on the base gives the same outputs."""
+    from mifuse_ray.models.lora import WhisperLoRA, apply_lora, trainable_fraction
+    base = _tiny_whisper()
+    base.save(str(tmp_path / "base"))
+    student = apply_lora(load_model(str(tmp_path / "base")), str(tmp_path / "base"), rank=4, alpha=8.0,
+                         target_modules=["q_proj", "v_proj"])
+    assert isinstance(student, WhisperLoRA) and not student.stores_trunk
+    student.eval()
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    wav = torch.from_numpy(_clip(1.3))[None]
+    lengths = torch.tensor([wav.shape[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(student(wav, lengths), base(wav, lengths))
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+        moved = student(wav, lengths)
+    assert not torch.allclose(moved, base(wav, lengths))
+    student.save(str(tmp_path / "adapter"))
+    assert not os.path.exists(tmp_path / "adapter" / "model.safetensors")       # the adapter alone
+    again = load_model(str(tmp_path / "adapter"))
+    assert isinstance(again, WhisperLoRA) and trainable_fraction(again)[1] == trainable_fraction(student)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav, lengths), moved)

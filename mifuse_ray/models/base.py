@@ -169,9 +169,10 @@ def load_model(directory: str, dropout_override: float | None = None, labels=Non
     elif meta["arch"] == "whisper":
         from .whisper import WhisperSER
         model = WhisperSER.load(directory, meta, labels=labels)
-    elif meta["arch"] == "hf_lora":
-        from .lora import HFLoRAClassifier
-        model = HFLoRAClassifier.load(directory, meta, labels=labels)
+    elif meta["arch"] in ("hf_lora", "whisper_lora"):
+        from .lora import HFLoRAClassifier, WhisperLoRA
+        wrapper = HFLoRAClassifier if meta["arch"] == "hf_lora" else WhisperLoRA
+        model = wrapper.load(directory, meta, labels=labels)
     else:
         raise ValueError(f"unknown model arch {meta['arch']!r} in {directory}")
     if dropout_override is not None:

@@ -3,6 +3,8 @@
 The base model stays frozen and is stored once; an adapted student is its LoRA matrices plus the
 projector and classifier head (``modules_to_save``), a few percent of the weights. The student
 directory names the base checkpoint it applies to, and ``load_model`` rebuilds base + adapter.
+Both transformers families the project loads take one: the wav2vec2 family (``hf``) and the
+Whisper encoders (``whisper``; its attention's ``q_proj``/``v_proj`` are the default targets).
 """
 from __future__ import annotations
 
@@ -10,13 +12,38 @@ import os
 
 from torch import nn
 
-from .base import read_meta, write_meta
+from .base import SERModel, write_meta
 from .hf import HFAudioClassifier
+from .whisper import WhisperSER
 
 HEAD_MODULES = ["projector", "classifier"]
 
 
-class HFLoRAClassifier(HFAudioClassifier):
+class _Adapter:
+    """What both LoRA students share: ``self.model`` is a ``PeftModel`` over the base's transformers
+    model, saved alone (adapter_config.json + adapter_model.safetensors), the base named in the meta."""
+
+    base_dir: str
+
+    def save(self, directory: str, extra: dict | None = None) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory)
+        write_meta(directory, {**self.base_meta(), "arch": self.arch, "base": self.base_dir, "labels": self.labels,
+                               "head_dropout": self.head_dropout.p, **(extra or {})})
+
+    @classmethod
+    def load(cls, directory: str, meta: dict, labels=None) -> SERModel:
+        from peft import PeftModel
+        from .base import load_model
+        base_dir = meta["base"]
+        if not os.path.isdir(base_dir):
+            raise FileNotFoundError(f"{directory} is a LoRA adapter for {base_dir}, which is not there; "
+                                    "put the base checkpoint back at that path")
+        base = load_model(base_dir, labels=meta.get("labels", labels))
+        return cls.around(base, PeftModel.from_pretrained(base.model, directory).eval(), base_dir).eval()
+
+
+class HFLoRAClassifier(_Adapter, HFAudioClassifier):
     arch = "hf_lora"
 
     def __init__(self, peft_model: nn.Module, labels, base_dir: str, sample_rate: int = 16000,
@@ -24,38 +51,40 @@ class HFLoRAClassifier(HFAudioClassifier):
         super().__init__(peft_model, labels, sample_rate, normalize, head_dropout)
         self.base_dir = os.path.abspath(base_dir)
 
-    def save(self, directory: str, extra: dict | None = None) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)           # adapter_config.json + adapter_model.safetensors only
-        write_meta(directory, {"arch": self.arch, "base": self.base_dir, "labels": self.labels,
-                               "sample_rate": self.sample_rate, "normalize": self.normalize,
-                               "head_dropout": self.head_dropout.p, **(extra or {})})
+    def base_meta(self) -> dict:
+        return {"sample_rate": self.sample_rate, "normalize": self.normalize}
 
     @classmethod
-    def load(cls, directory: str, meta: dict, labels=None) -> "HFLoRAClassifier":
-        from peft import PeftModel
-        base_dir = meta["base"]
-        if not os.path.isdir(base_dir):
-            raise FileNotFoundError(f"{directory} is a LoRA adapter for {base_dir}, which is not there; "
-                                    "put the base checkpoint back at that path")
-        base = HFAudioClassifier.load(base_dir, read_meta(base_dir), labels=meta.get("labels", labels))
-        peft_model = PeftModel.from_pretrained(base.model, directory)
-        peft_model.eval()
-        return cls(peft_model, meta.get("labels", base.labels), base_dir, meta.get("sample_rate", base.sample_rate),
-                   meta.get("normalize", base.normalize), meta.get("head_dropout")).eval()
+    def around(cls, base: HFAudioClassifier, peft_model: nn.Module, base_dir: str) -> "HFLoRAClassifier":
+        return cls(peft_model, base.labels, base_dir, base.sample_rate, base.normalize, base.head_dropout.p)
+
+
+class WhisperLoRA(_Adapter, WhisperSER):
+    arch = "whisper_lora"
+    stores_trunk = False            # its encoder learns: a stored output of the base's would be stale
+
+    def __init__(self, peft_model: nn.Module, labels, base_dir: str, head_dropout: float, encoder_name: str):
+        super().__init__(peft_model, labels, head_dropout, encoder_name)
+        self.base_dir = os.path.abspath(base_dir)
+
+    def base_meta(self) -> dict:
+        return {"encoder": self.encoder_name}
+
+    @classmethod
+    def around(cls, base: WhisperSER, peft_model: nn.Module, base_dir: str) -> "WhisperLoRA":
+        return cls(peft_model, base.labels, base_dir, base.head_dropout.p, base.encoder_name)
 
 
 def apply_lora(model: nn.Module, base_dir: str, rank: int, alpha: float, target_modules,
-               dropout: float = 0.0) -> HFLoRAClassifier:
-    """Wrap a loaded ``HFAudioClassifier``: LoRA on ``target_modules``, head trainable, rest frozen."""
-    if type(model) is not HFAudioClassifier:
+               dropout: float = 0.0) -> SERModel:
+    """Wrap a loaded transformers source model: LoRA on ``target_modules``, head trainable, rest frozen."""
+    wrapper = {HFAudioClassifier: HFLoRAClassifier, WhisperSER: WhisperLoRA}.get(type(model))
+    if wrapper is None:
         raise ValueError(f"train.lora_rank needs a transformers backbone as the source model, got {model.arch!r}")
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         modules_to_save=HEAD_MODULES)
-    peft_model = get_peft_model(model.model, config)
-    return HFLoRAClassifier(peft_model, model.labels, base_dir, model.sample_rate, model.normalize,
-                            model.head_dropout.p)
+    return wrapper.around(model, get_peft_model(model.model, config), base_dir)
 
 
 def trainable_fraction(model: nn.Module) -> tuple[int, int]:
