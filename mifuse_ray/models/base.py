@@ -139,6 +139,13 @@ def repeat_features(features: Any, k: int) -> Any:
     raise TypeError(f"cannot repeat features of type {type(features)}")
 
 
+def save_transformers(directory: str, hf_model: nn.Module, meta: dict) -> None:
+    """A transformers model's own files (``save_pretrained``) with this project's meta beside them."""
+    os.makedirs(directory, exist_ok=True)
+    hf_model.save_pretrained(directory)
+    write_meta(directory, meta)
+
+
 def write_meta(directory: str, meta: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as fh:

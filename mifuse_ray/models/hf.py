@@ -9,12 +9,11 @@ fine-tuning is (``train/student.py``, ``_train_mode``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
 
-from .base import SERModel, write_meta
+from .base import SERModel, save_transformers
 
 
 class HFAudioClassifier(SERModel):
@@ -70,10 +69,9 @@ class HFAudioClassifier(SERModel):
         return features["hidden"], features["frame_mask"]
 
     def save(self, directory: str, extra: dict | None = None) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
-        write_meta(directory, {"arch": self.arch, "labels": self.labels, "sample_rate": self.sample_rate,
-                               "normalize": self.normalize, "head_dropout": self.head_dropout.p, **(extra or {})})
+        save_transformers(directory, self.model, {"arch": self.arch, "labels": self.labels, "sample_rate": self.sample_rate,
+                                                  "normalize": self.normalize, "head_dropout": self.head_dropout.p,
+                                                  **(extra or {})})
 
     @classmethod
     def load(cls, directory: str, meta: dict, labels=None) -> "HFAudioClassifier":

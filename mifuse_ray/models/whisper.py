@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import SERModel, write_meta
+from .base import SERModel, save_transformers
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80
 # encoder name -> (package, folder inside it, the parts of model.bin in order)
@@ -197,10 +197,9 @@ class WhisperSER(SERModel):
         return features["hidden"], features["frame_mask"]
 
     def save(self, directory: str, extra: dict | None = None) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
-        write_meta(directory, {"arch": self.arch, "labels": self.labels, "sample_rate": self.sample_rate,
-                               "head_dropout": self.head_dropout.p, "encoder": self.encoder_name, **(extra or {})})
+        save_transformers(directory, self.model, {"arch": self.arch, "labels": self.labels, "sample_rate": self.sample_rate,
+                                                  "head_dropout": self.head_dropout.p, "encoder": self.encoder_name,
+                                                  **(extra or {})})
 
     @classmethod
     def load(cls, directory: str, meta: dict, labels=None) -> "WhisperSER":

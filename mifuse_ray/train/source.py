@@ -18,6 +18,18 @@ from .common import (all_reduce_sum, augment, batch_inputs, crop_batch, device_f
                      lr_schedule)
 
 
+def _report_epoch(metrics: dict, best: float, rank: int, core, trained_on: str) -> float:
+    """Report an epoch to Ray Train, with a checkpoint from rank 0 where dev UAR improved; the new best."""
+    import ray.train
+    if rank == 0 and metrics["dev_uar"] > best:
+        with tempfile.TemporaryDirectory() as tmp:
+            core.save(tmp, {"trained_on": trained_on, "dev_uar": metrics["dev_uar"]})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+    return max(best, metrics["dev_uar"])
+
+
 def _source_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -56,14 +68,7 @@ def _source_loop(config: dict) -> None:
         cm = evaluate_shard(core, dev_shard, device, core.num_classes)
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "dev_uar": uar_from_confusion(cm), "dev_wa": wa_from_confusion(cm)}
-        improved = metrics["dev_uar"] > best
-        best = max(best, metrics["dev_uar"])
-        if rank == 0 and improved:
-            with tempfile.TemporaryDirectory() as tmp:
-                core.save(tmp, {"trained_on": config["trained_on"], "dev_uar": metrics["dev_uar"]})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        best = _report_epoch(metrics, best, rank, core, config["trained_on"])
 
 
 @torch.no_grad()
@@ -112,13 +117,7 @@ def _frozen_encoder_loop(config: dict) -> None:
         cm = all_reduce_sum(confusion_matrix(y_dev.numpy(), pred, core.num_classes).astype(np.float64))
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "dev_uar": uar_from_confusion(cm), "dev_wa": wa_from_confusion(cm)}
-        improved, best = metrics["dev_uar"] > best, max(best, metrics["dev_uar"])
-        if rank == 0 and improved:
-            with tempfile.TemporaryDirectory() as tmp:
-                core.save(tmp, {"trained_on": config["trained_on"], "dev_uar": metrics["dev_uar"]})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        best = _report_epoch(metrics, best, rank, core, config["trained_on"])
 
 
 def labelled_split(manifest: str, split: str, labels) -> pd.DataFrame:
