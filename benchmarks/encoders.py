@@ -64,9 +64,7 @@ def rows_from_transfer_cells(path: str, variant: str = "train.augment=False") ->
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per (encoder, scale, system): each transfer's mean over seeds, and the six demo transfers' average."""
-    table = table.copy()
-    table["cell"] = table.transfer
-    wide = table.pivot_table(index=["encoder", "scale", "system"], columns="cell", values="uar", aggfunc="mean")
+    wide = table.pivot_table(index=["encoder", "scale", "system"], columns="transfer", values="uar", aggfunc="mean")
     six = [c for c in wide.columns if "game_voices" not in c]
     seeds = table[~table.transfer.str.contains("game_voices")].groupby(["encoder", "scale", "system", "seed"]).uar.mean()
     wide["six-transfer average (mean ± std over seeds)"] = [
@@ -132,6 +130,8 @@ def window_rows(encoders, manifest: str) -> list[dict]:
     table = pd.read_parquet(manifest)
     table = table[table.split.isin(["dev", "test"])].reset_index(drop=True)
     audio = [load_audio(p, AudioConfig()) for p in table.path]
+    dev, test = (table.split == "dev").to_numpy(), (table.split == "test").to_numpy()
+    y = table.oracle_label.map({label: i for i, label in enumerate(sorted(set(table.oracle_label)))}).to_numpy()
     rows = []
     for encoder in [e for e in encoders if e != "cnn"]:
         model = convert(encoder, ["neutral", "happy", "angry", "sad"])
@@ -149,8 +149,6 @@ def window_rows(encoders, manifest: str) -> list[dict]:
                     pooled.append(hidden[: (int(frames[0]) + 1) // 2].mean(0).numpy())
             seconds = time.perf_counter() - start
             x = np.stack(pooled)
-            dev, test = (table.split == "dev").to_numpy(), (table.split == "test").to_numpy()
-            y = table.oracle_label.map({label: i for i, label in enumerate(sorted(set(table.oracle_label)))}).to_numpy()
             probe = LogisticRegression(max_iter=2000, C=1.0).fit(x[dev], y[dev])
             rows.append({"encoder": encoder, "window": window, "seconds for the clips": seconds, "clips": len(audio),
                          "probe test UAR (dev -> test)": uar(y[test], probe.predict(x[test]), int(y.max()) + 1)})

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.common import merge_record, results_dir, runs_dir
-from benchmarks.transfers import BASELINES, BY_SPEAKER, TRANSFER_DOMAINS, run_cell
+from benchmarks.transfers import BASELINES, BY_SPEAKER, TRANSFER_DOMAINS, run_cell, settings_tag
 
 VALIDATION_TRANSFERS = [("acted_studio", "meeting_room"), ("call_centre", "voice_notes")]
 COLUMNS = ["system", "transfer", "seed", "n_adapt", "split", "uar", "uar_ci_lo", "uar_ci_hi", "wa"]
@@ -72,8 +72,8 @@ def difference_rows(results: dict, transfer: str, seed: int, baselines, num_clas
     """The differences the targets name, each on the same test clips with its paired bootstrap 95% CI
     (``evaluation.compare``): the adapted model against its labels, each teacher and the best baseline."""
     from mifuse_ray.evaluation import compare
-    systems = shipped_systems(results.get("test", {}), baselines)
     test = results.get("test", {})
+    systems = shipped_systems(test, baselines)
     students = [name for name in systems if name.endswith("_student")]
     others = ["fused_label", "lalm_zero_shot", "source_only"]
     if students:
@@ -88,11 +88,11 @@ def difference_rows(results: dict, transfer: str, seed: int, baselines, num_clas
     return rows
 
 
-def record_name(settings=()) -> str:
+def record_name(settings=(), stem: str = "paper_scale") -> str:
     """``paper_scale.csv`` for the shipped recipe; a run with ``--set`` writes its own record
     (``paper_scale__augmentFalse.csv``), so its ``adapted`` rows never pass for what ``jobs/adapt.py`` ships."""
-    tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in settings)
-    return f"paper_scale__{tag}.csv" if tag else "paper_scale.csv"
+    tag = settings_tag(settings)
+    return f"{stem}__{tag}.csv" if tag else f"{stem}.csv"
 
 
 def write_record(rows: list[dict], out: str, settings=()) -> pd.DataFrame:
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
         rows += long_rows(results, name, seed, baselines)
         differences += difference_rows(results, name, seed, baselines)
         table = write_record(rows, args.out, settings)
-        merge_record(os.path.join(args.out, record_name(settings).replace("paper_scale", "paper_scale_differences")),
+        merge_record(os.path.join(args.out, record_name(settings, "paper_scale_differences")),
                      differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
 

@@ -92,11 +92,16 @@ BASELINES = ["lalm_labels", "source_labels", "shot_im", "mifuse_paper", "equal_w
 BY_SPEAKER = "_by_speaker"
 
 
+def settings_tag(overrides) -> str:
+    """A cell's settings as a folder-name tag (``augmentFalse``; ``""`` for none)."""
+    return "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides)
+
+
 def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
     from mifuse_ray.api import adapt
     from mifuse_ray.overrides import apply_overrides
     from mifuse_ray.reuse import settings_changed
-    tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides) or "main"
+    tag = settings_tag(overrides) or "main"
     out = os.path.join(out_root, f"{source}__{target}", f"seed{seed}", tag)
     done = os.path.join(out, "results.json")
     wanted = {f"{m}_student" for m in (baselines or [])} | {"mifuse_student"}

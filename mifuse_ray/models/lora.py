@@ -12,7 +12,7 @@ import os
 
 from torch import nn
 
-from .base import SERModel, write_meta
+from .base import SERModel, save_transformers
 from .hf import HFAudioClassifier
 from .whisper import WhisperSER
 
@@ -26,10 +26,9 @@ class _Adapter:
     base_dir: str
 
     def save(self, directory: str, extra: dict | None = None) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
-        write_meta(directory, {**self.base_meta(), "arch": self.arch, "base": self.base_dir, "labels": self.labels,
-                               "head_dropout": self.head_dropout.p, **(extra or {})})
+        save_transformers(directory, self.model, {**self.base_meta(), "arch": self.arch, "base": self.base_dir,
+                                                  "labels": self.labels, "head_dropout": self.head_dropout.p,
+                                                  **(extra or {})})
 
     @classmethod
     def load(cls, directory: str, meta: dict, labels=None) -> SERModel:
