@@ -16,7 +16,7 @@ def run() -> None:
     cfg, _ = parse_config(parser(__doc__.splitlines()[0]))
     from mifuse_ray.inputs import prepare
     from mifuse_ray.labeling import estimate_spend
-    from mifuse_ray.pipeline import label_run
+    from mifuse_ray.pipeline import REPORT_PLOT_CLIPS, label_run
     inputs = prepare(cfg)
     spend = estimate_spend(cfg, inputs.labelled_clips())
     if cfg.lalm.dry_run:
@@ -25,7 +25,7 @@ def run() -> None:
     results, _ = label_run(cfg, inputs, os.path.abspath(cfg.output), spend)
     res = results["adapt"]
     from mifuse_ray.report import plot_fusion
-    plot_fusion(res.table, cfg.labels, os.path.join(os.path.dirname(res.labels_path), "fusion.png"))
+    plot_fusion(res.shards.head(REPORT_PLOT_CLIPS), cfg.labels, os.path.join(os.path.dirname(res.labels_path), "fusion.png"))
     print(json.dumps(res.summary, indent=2, default=str))
     print(f"labels: {res.labels_path}")
 

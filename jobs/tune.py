@@ -21,7 +21,7 @@ def run() -> None:
     cfg, args = parse_config(p)
     from mifuse_ray.console import divert_native_logs, quiet_ray, stage
     from mifuse_ray.inputs import check_output_writable, prepare
-    from mifuse_ray.pipeline import label_run
+    from mifuse_ray.pipeline import label_run, split_tables
     from mifuse_ray.tune import DEFAULT_SPACE, run_tune, searchable
     space = DEFAULT_SPACE
     if args.space:
@@ -39,7 +39,7 @@ def run() -> None:
         split_labels, _ = label_run(cfg, inputs, out)
     cfg.train.cpus_per_worker = min(cfg.train.cpus_per_worker, 0.5)
     print(f"[3/3] {args.num_samples} trial(s) of the search, {args.max_concurrent} at a time:", flush=True)
-    table, best = run_tune(cfg, {split: res.table for split, res in split_labels.items()}, inputs.dev_df,
+    table, best = run_tune(cfg, split_tables(split_labels), inputs.dev_df,
                            inputs.source_checkpoint, out, space, args.num_samples, args.search_alg, args.max_concurrent)
     print(table.to_string(index=False))
     print(f"best: {best.config}\nrerun it as adapt does: python jobs/adapt.py --config {os.path.join(cfg.output, 'best_config.json')}")

@@ -254,6 +254,9 @@ class MiFuseConfig:
 
     output: str = "outputs/demo"        # the run's folder: labels, models, report; a rerun into it reuses work
     ray_address: str = ""               # empty: RAY_ADDRESS or a local cluster
+    # clips per label shard (mifuse_ray/label_shards.py): the unit of resume, of the fusion map's tasks and of
+    # what the shard writer holds; a rerun with another value labels again (from the LALM's response cache)
+    shard_rows: int = not_a_result(1024)
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))   # the emotion classes, in order
     target: str = ""                    # manifest .parquet or folder or URI; empty: the demo target
     adapt_split: str = "adapt"          # the manifest's unlabelled split the student learns from
@@ -305,6 +308,7 @@ def validate(cfg: MiFuseConfig) -> None:
     trunk_frozen = cfg.train.mode in MODES and head_only(MODES[cfg.train.mode], cfg.train.trainable)
     checks = [(not errors, errors[0] if errors else "") for errors in [_literal_errors(cfg)]] + [
         (cfg.lalm.answers_per_clip >= 1, "lalm.answers_per_clip must be ≥ 1"),
+        (cfg.shard_rows >= 1, "shard_rows must be ≥ 1 (clips per label shard)"),
         (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),
         (cfg.source.passes_per_clip >= 1, "source.passes_per_clip must be ≥ 1"),
         (0 <= cfg.fusion.lalm_answers_used <= cfg.lalm.answers_per_clip,

@@ -117,11 +117,13 @@ def manifest_dataset(df: pd.DataFrame, block_rows: int = MANIFEST_BLOCK_ROWS):
     return ray.data.from_pandas(chunks)
 
 
-def read_decoded(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
-    """A lazy Ray Dataset of decoded clips from a manifest DataFrame: header probing and long-file
-    segmenting (``expand_segments``) and decoding run in Ray Data tasks, block by block."""
-    block_rows = max(batch_size, min(MANIFEST_BLOCK_ROWS, -(-len(df) // 16)))
-    ds = manifest_dataset(df, block_rows).map_batches(expand_segments, fn_kwargs={"cfg": cfg}, batch_format="pandas",
+def read_decoded(df, cfg: AudioConfig, batch_size: int = 32):
+    """A lazy Ray Dataset of decoded clips from a manifest (a DataFrame, or a Ray Dataset of its rows):
+    header probing and long-file segmenting (``expand_segments``) and decoding run in Ray Data
+    tasks, block by block."""
+    if isinstance(df, pd.DataFrame):
+        df = manifest_dataset(df, max(batch_size, min(MANIFEST_BLOCK_ROWS, -(-len(df) // 16))))
+    ds = df.map_batches(expand_segments, fn_kwargs={"cfg": cfg}, batch_format="pandas",
                                                       batch_size=None, num_cpus=DECODE_CPUS)
     return ds.map_batches(_decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=batch_size,
                           num_cpus=DECODE_CPUS)
@@ -147,7 +149,7 @@ def drop_errors(ds):
     return ds.map_batches(_without_errors, batch_format="pandas", num_cpus=DECODE_CPUS)   # fuses with decoding
 
 
-def streamed_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
+def streamed_clips(df, cfg: AudioConfig, batch_size: int = 32):
     """The clips that decode, as a lazy Dataset in manifest order (for training and evaluation).
 
     Nothing is materialised: every epoch decodes again in Ray Data tasks that feed the Train
@@ -163,12 +165,14 @@ def streamed_clips(df: pd.DataFrame, cfg: AudioConfig, batch_size: int = 32):
 MATERIALIZE_MAX_CLIPS = 5000     # ~0.8 GB of 2.5-s clips at 16 kHz in the object store
 
 
-def training_clips(df: pd.DataFrame, cfg: AudioConfig, ingest: str = "auto", batch_size: int = 32):
-    """The clips for a training or evaluation loop: decoded once into the object store
-    (``materialize``: fastest epochs, memory grows with the clips), or decoded again by every pass
-    (``stream``: memory flat at any size). ``auto`` materialises up to ``MATERIALIZE_MAX_CLIPS``."""
+def training_clips(df, cfg: AudioConfig, ingest: str = "auto", batch_size: int = 32, n_clips: int | None = None):
+    """The clips for a training or evaluation loop (``df``: a manifest DataFrame or a Ray Dataset of
+    its rows, ``n_clips`` rows): decoded once into the object store (``materialize``: fastest epochs,
+    memory grows with the clips), or decoded again by every pass (``stream``: memory flat at any
+    size). ``auto`` materialises up to ``MATERIALIZE_MAX_CLIPS``."""
+    n_clips = len(df) if n_clips is None else n_clips
     ds = streamed_clips(df, cfg, batch_size)
-    if ingest == "materialize" or (ingest == "auto" and len(df) <= MATERIALIZE_MAX_CLIPS):
+    if ingest == "materialize" or (ingest == "auto" and n_clips <= MATERIALIZE_MAX_CLIPS):
         return ds.materialize()
     return ds
 

@@ -49,10 +49,16 @@ def stored_draws(df: pd.DataFrame, num_classes: int, answers_used: int = 0, pass
     out = {}
     for name in teacher_names(df):
         votes_col, probs_col = draw_columns(name)
-        votes = _stack_lists(df[votes_col], fill=-1)
-        probs = _stack_lists(df[probs_col], fill=np.nan, inner=num_classes)
+        out[name] = (_stack_lists(df[votes_col], fill=-1), _stack_lists(df[probs_col], fill=np.nan, inner=num_classes))
+    return draws_used(out, answers_used, passes_used)
+
+
+def draws_used(draws: dict, answers_used: int = 0, passes_used: int = 0) -> dict:
+    """The first N LALM answers and K MC passes of each teacher's stored draws (0 = all)."""
+    out = {}
+    for name, (votes, probs) in draws.items():
         n = (answers_used if name == LALM else passes_used) or votes.shape[1]
-        out[name] = (votes[:, :n].reshape(len(df), -1), probs[:, :n].reshape(len(df), -1, num_classes))
+        out[name] = (votes[:, :n].reshape(len(votes), -1), probs[:, :n].reshape(len(votes), -1, probs.shape[-1]))
     return out
 
 
@@ -71,8 +77,11 @@ def _stack_lists(col, fill, inner: int | None = None) -> np.ndarray:
 
 def teachers_of(df: pd.DataFrame, num_classes: int, answers_used: int = 0, passes_used: int = 0) -> list:
     """Every teacher's statistics, in ``teacher_names`` order, from a table's stored draws."""
-    return [teacher_stats(votes, num_classes, probs)
-            for votes, probs in stored_draws(df, num_classes, answers_used, passes_used).values()]
+    return teachers_from_draws(stored_draws(df, num_classes, answers_used, passes_used), num_classes)
+
+
+def teachers_from_draws(draws: dict, num_classes: int) -> list:
+    return [teacher_stats(votes, num_classes, probs) for votes, probs in draws.values()]
 
 
 def fuse_kwargs(fusion_cfg) -> dict:
@@ -100,16 +109,18 @@ def fusion_prior(fusion_cfg, num_classes: int, batches=None):
     return np.full(num_classes, 1.0 / num_classes)
 
 
-def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None) -> FusionFit:
+def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None, batches=None) -> FusionFit:
     """The global part of the fusion (balancing, label model) fitted over every decoded clip.
 
     ``frames()`` yields the split as pandas batches of stored draws, once per pass (a slice of a
-    table in memory, or a materialised Ray Dataset streamed to the driver a batch at a time)."""
-    def batches():
+    table in memory, or a split's shards read one at a time). ``batches``: the teachers' statistics
+    already held elsewhere (``split_stats.HeldSplit``: on the cluster, for a sharded split)."""
+    def from_frames():
         for frame in frames():
             ok = frame[frame["error"].isna()] if "error" in frame else frame
             if len(ok):
                 yield teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
+    batches = batches or from_frames
     prior = fusion_prior(fusion_cfg, num_classes, batches)
     fit = fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
                      balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
@@ -128,7 +139,14 @@ def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None) -> Fusio
     return fit
 
 
-def fit_table(table: pd.DataFrame, num_classes: int, fusion_cfg, temperatures=None, batch_rows: int = 8192):
+def fit_table(table, num_classes: int, fusion_cfg, temperatures=None, batch_rows: int = 8192):
+    """``fit_frames`` over a table in memory, or over a sharded split (``label_shards.LabelShards``),
+    whose statistics the cluster holds (``split_stats``) and whose shards the driver reads one at a time."""
+    if not isinstance(table, pd.DataFrame):
+        from .split_stats import held_split
+        held = held_split(table, num_classes)
+        return fit_frames(table.frames, num_classes, fusion_cfg, temperatures,
+                          batches=held.batches(fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used))
     return fit_frames(lambda: (table.iloc[i:i + batch_rows] for i in range(0, len(table), batch_rows)),
                       num_classes, fusion_cfg, temperatures)
 

@@ -63,9 +63,18 @@ def fit_fusion(batches, num_classes: int, *, prior=None, balance_teachers: str =
 
 def _column_means(batches, rows_of) -> tuple[np.ndarray, np.ndarray]:
     """One pass: the sum over clips of ``rows_of(batch)`` (a list of (B, C) arrays and (B,) masks),
-    per list entry, divided by the clips counted. Memory is one batch, whatever the split's size."""
+    per list entry, divided by the clips counted. Memory is one batch, whatever the split's size.
+    Batches held on the cluster (``split_stats``) sum where they are; the driver adds the sums."""
+    sums, counts = batches.column_sums(rows_of) if hasattr(batches, "column_sums") else column_sums(batches(), rows_of)
+    if sums is None:
+        return [], []
+    return [s / max(c, 1.0) for s, c in zip(sums, counts)], counts
+
+
+def column_sums(batches, rows_of) -> tuple[list | None, list | None]:
+    """(sums, counts) of ``_column_means`` over an iterable of batches."""
     sums, counts = None, None
-    for batch in batches():
+    for batch in batches:
         parts = rows_of(batch)
         if sums is None:
             sums = [np.zeros(np.asarray(p).shape[1]) for p, _ in parts]
@@ -74,9 +83,7 @@ def _column_means(batches, rows_of) -> tuple[np.ndarray, np.ndarray]:
             p, mask = np.asarray(p, dtype=np.float64), np.asarray(mask, dtype=bool)
             sums[i] += np.nan_to_num(p[mask]).sum(0)
             counts[i] += float(mask.sum())
-    if sums is None:
-        return [], []
-    return [s / max(c, 1.0) for s, c in zip(sums, counts)], counts
+    return sums, counts
 
 
 def _scale_step(scale, marginal, prior, floor: float, notes: list, what: str):

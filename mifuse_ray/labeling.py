@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -25,15 +24,29 @@ log = logging.getLogger(__name__)
 
 
 # -- the pipeline -------------------------------------------------------------------------
-@dataclass
 class LabelingResult:
-    labels_path: str
-    table: pd.DataFrame
-    summary: dict
+    """A labelled split: its fused labels as shards (``shards``; ``labels_path`` is their folder), the
+    teachers' draws they were fused from (``draws``) and the split's summary. ``table`` reads the
+    labels into one DataFrame, for the small splits (dev, test) and the consumers that need one."""
+
+    def __init__(self, labels_path: str, summary: dict, draws_path: str = ""):
+        from .label_shards import LabelShards
+        self.labels_path, self.summary = labels_path, summary
+        self.shards, self.draws = LabelShards(labels_path), LabelShards(draws_path or labels_path)
+        self._table: pd.DataFrame | None = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        if self._table is None:
+            self._table = self.shards.to_pandas()
+        return self._table
+
+
+MAX_ATTEMPTS = 3    # passes over the slices still missing (a writer lost with its node leaves some behind)
 
 
 @contextlib.contextmanager
-def request_limiter(cfg: MiFuseConfig, clips: pd.DataFrame):
+def request_limiter(cfg: MiFuseConfig, clips):
     """The run's cluster-wide rate limit and spend cap (one Ray actor) over every split it labels:
     yields (actor name, request cap), ("", 0) when neither is set."""
     import ray
@@ -51,22 +64,64 @@ def request_limiter(cfg: MiFuseConfig, clips: pd.DataFrame):
         ray.kill(actor)
 
 
-def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, source_checkpoint: str,
-                 lalm_base_url: str, limiter: tuple[str, int] | None = None) -> LabelingResult:
-    """Run both teachers and fusion over ``target_df`` with Ray Data; write ``labels.parquet``.
+def label_target(cfg: MiFuseConfig, target, out_dir: str, source_checkpoint: str, lalm_base_url: str,
+                 limiter: tuple[str, int] | None = None, split: str | None = None, fuse: bool = True) -> LabelingResult:
+    """Both teachers over every clip of ``target``, written by the cluster as shards of draws
+    (``<out_dir>/draws``), then fused with ``cfg.fusion`` into ``<out_dir>/labels.parquet/`` (a
+    folder of shards). ``target``: a manifest DataFrame (first written as ``<out_dir>/manifest.parquet``)
+    or the path of a Parquet manifest (a file or a folder, local or a URI; ``split``: the rows kept).
+    Slices whose draws shard exists are not labelled again: a rerun after a crash does only the rest.
     ``limiter``: a (name, cap) from ``request_limiter`` shared with other splits of the same run."""
+    from .label_shards import LabelShards, plan_shards, write_manifest
+    start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = target if isinstance(target, str) else \
+        write_manifest(target, os.path.join(out_dir, "manifest.parquet"), cfg.shard_rows)
+    draws = LabelShards(os.path.join(out_dir, "draws"))
+    slices = plan_shards(manifest, cfg.shard_rows)
+    draws.prune({s.name for s in slices})
+    resumed = len(draws.done())
+    writers: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        if limiter is None:
+            clips = target if not isinstance(target, str) else (sum(s.stop - s.start for s in slices), 0.0)
+            limiter = stack.enter_context(request_limiter(cfg, clips))
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            todo = [s for s in slices if s.name not in draws.done()]
+            if not todo:
+                break
+            if attempt > 1:
+                log.warning("%d shards missing after pass %d (a writer lost with its node?): labelling them again "
+                            "from the response cache", len(todo), attempt - 1)
+            writers |= _label_slices(cfg, todo, split, draws.root, source_checkpoint, lalm_base_url, out_dir, limiter)
+    _record_lost(draws, [s for s in slices if s.name not in draws.done()], split)
+    summary = {"shards": len(slices), "shards_resumed": resumed, "shard_writer_nodes": sorted(writers)}
+    result = LabelingResult(os.path.join(out_dir, "labels.parquet"), summary, draws.root)
+    if fuse:
+        from .fused_shards import fuse_split
+        fit = fit_table(draws, len(cfg.labels), cfg.fusion)
+        summary.update(fuse_split(draws, result.shards, cfg.labels, cfg.fusion, fit))
+        summary["lalm_budget"].update(budget=cfg.lalm.budget, selection=cfg.lalm.budget_selection)
+    summary["seconds"] = time.time() - start
+    return result
+
+
+def _label_slices(cfg: MiFuseConfig, slices, split, root: str, source_checkpoint: str, lalm_base_url: str,
+                  out_dir: str, limiter: tuple[str, int]) -> set[str]:
+    """One Ray Data pass: slices → clip rows → decoded audio → source model(s) → LALM → shards.
+    Returns the ids of the nodes whose writer wrote them."""
     import ray
-    from .data import read_decoded
+    from .data import DECODE_CPUS, _decode_batch
+    from .label_shards import ShardWriter, slice_rows, slices_dataset
     from .lalm.client import api_key_from_env
     from .lalm.stage import add_lalm_stage
     from .source_teacher import SourceTeacherStage
-
-    start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    C = len(cfg.labels)
     src = cfg.source
     everyone = asks_every_clip(cfg)
-    ds = read_decoded(target_df, cfg.audio, batch_size=src.batch_size)
+    ds = slices_dataset(slices).map_batches(slice_rows, batch_size=1, batch_format="pandas", num_cpus=DECODE_CPUS,
+                                            fn_kwargs=dict(split=split, audio_cfg=cfg.audio, root=root))
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": cfg.audio}, batch_format="pandas",
+                        batch_size=src.batch_size, num_cpus=DECODE_CPUS)
     # the source model, then any extra source models (teachers source2, source3, …), one actor stage each
     checkpoints = [source_checkpoint, *src.extra_checkpoints]
     for i, checkpoint in enumerate(checkpoints):
@@ -79,29 +134,31 @@ def label_target(cfg: MiFuseConfig, target_df: pd.DataFrame, out_dir: str, sourc
                                        name=source_teacher_name(i)),
             compute=ray.data.ActorPoolStrategy(size=src.num_actors), num_cpus=src.actor_cpus,
             num_gpus=src.num_gpus or None)
-    ds, asked = _select_for_budget(ds, cfg)
+    ds, _ = _select_for_budget(ds, cfg)
     cache_dir = cfg.lalm.cache_dir or os.path.join(out_dir, "lalm_cache")
-    with contextlib.ExitStack() as stack:
-        limiter_name, max_requests = limiter or stack.enter_context(request_limiter(cfg, target_df))
-        ds = add_lalm_stage(ds, cfg.lalm, cfg.labels, lalm_base_url, cache_dir, cfg.audio.sample_rate, limiter_name,
-                            max_requests, api_key_from_env(cfg.lalm))
-        # The fusion's class balancing is a statistic of the whole split: the teachers' outputs (draws,
-        # not audio) are materialised, the fit streams over them, then the fusion maps every batch.
-        answered = ds.materialize()          # the LALM stage has dropped the audio
-    fit = fit_frames(lambda: answered.iter_batches(batch_format="pandas", batch_size=8192), C, cfg.fusion)
-    # batch_size bundles the small blocks the actor stages emit: one task per 4,096 rows, not per block
-    ds = answered.map_batches(fusion_columns, batch_format="pandas", num_cpus=0.25, batch_size=4096,
-                              fn_kwargs=dict(num_classes=C, fusion_cfg=cfg.fusion, fit=fit))
-    table = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
-    table = _ensure_every_clip(table, target_df)
-    labels_path = os.path.join(out_dir, "labels.parquet")
-    write_parquet(table, labels_path)
-    summary = summarize(table, cfg.labels)
-    summary["lalm_budget"] = {"budget": cfg.lalm.budget, "selection": cfg.lalm.budget_selection,
-                              "clips_asked": int(table["lalm_asked"].sum()) if asked is not None
-                              else int(table["error"].isna().sum()), "clips_decoded": int(table["error"].isna().sum())}
-    summary["seconds"] = time.time() - start
-    return LabelingResult(labels_path, table, summary)
+    limiter_name, max_requests = limiter
+    ds = add_lalm_stage(ds, cfg.lalm, cfg.labels, lalm_base_url, cache_dir, cfg.audio.sample_rate, limiter_name,
+                        max_requests, api_key_from_env(cfg.lalm))
+    ds = ds.map_batches(ShardWriter, fn_constructor_kwargs=dict(root=root), batch_format="pandas", batch_size=None,
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.05)
+    nodes = set()
+    for written in ds.iter_batches(batch_size=None, batch_format="pandas"):   # one small row per shard written
+        nodes |= set(written["node"])
+    return nodes
+
+
+def _record_lost(draws, slices, split) -> None:
+    """Slices no pass could label (their rows never reached the writer): every clip becomes an error
+    row, so the output still holds every clip of the manifest."""
+    from .label_shards import read_slice, write_table_atomic
+    for s in slices:
+        rows = read_slice(s, split)
+        log.error("shard %s: %d clips never reached the output; recorded as errors", s.name, len(rows))
+        if len(rows):
+            write_table_atomic(rows.assign(error="lost_in_pipeline", parent_id=None).sort_values("clip_id"),
+                               draws.shard_path(s.name))
+        else:
+            draws.mark_empty(s.name)
 
 
 def selection_uncertainty(table: pd.DataFrame, num_classes: int) -> np.ndarray:
@@ -162,35 +219,32 @@ def write_parquet(df: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _ensure_every_clip(table: pd.DataFrame, target_df: pd.DataFrame) -> pd.DataFrame:
-    """Belt and braces: a clip the pipeline lost would be a bug; make it visible as an error row."""
-    got = set(table["parent_id"].dropna()) | set(table["clip_id"])
-    lost = target_df[~target_df["clip_id"].isin(got)]
-    if len(lost):
-        log.error("%d clips missing from the pipeline output; recorded as errors", len(lost))
-        extra = lost.copy()
-        extra["error"] = "lost_in_pipeline"
-        table = pd.concat([table, extra], ignore_index=True)
-    return table.sort_values("clip_id").reset_index(drop=True)
+def clip_totals(clips) -> tuple[int, float]:
+    """(clips, mean seconds) of a manifest DataFrame, or a (clips, mean seconds) pair as it is (a
+    streamed manifest's row count from its Parquet metadata, with no duration known: 0)."""
+    if isinstance(clips, tuple):
+        return clips
+    seconds = float(clips["duration_s"].fillna(0).mean()) if "duration_s" in clips and len(clips) else 0.0
+    return len(clips), seconds
 
 
-def estimate_spend(cfg: MiFuseConfig, target_df: pd.DataFrame) -> dict:
-    """Upper bound of requests, audio seconds and cost for asking every clip (before the cache)."""
+def estimate_spend(cfg: MiFuseConfig, target_df) -> dict:
+    """Upper bound of requests, audio seconds and cost for asking every clip (before the cache);
+    ``target_df``: a manifest DataFrame or ``clip_totals``' pair."""
     from .query_budget import budget_count
-    clips = len(target_df)
+    clips, seconds = clip_totals(target_df)
     asked = budget_count(cfg.lalm.budget, clips, cfg.lalm.budget_clips)
     from .lalm.presets import PRESETS
     preset = PRESETS.get(cfg.lalm.preset)
     use_n = preset.supports_n if cfg.lalm.use_n is None and preset else bool(cfg.lalm.use_n)
     per_clip = 1 if use_n else cfg.lalm.answers_per_clip
-    seconds = float(target_df["duration_s"].fillna(0).mean()) if "duration_s" in target_df and clips else 0.0
     requests = asked * per_clip
     cost = requests * cfg.lalm.usd_per_request + requests * seconds / 60 * cfg.lalm.usd_per_audio_minute
     return {"clips": clips, "clips_asked": asked, "requests": requests, "answers": asked * cfg.lalm.answers_per_clip,
             "audio_seconds_sent": requests * seconds, "estimated_usd": cost}
 
 
-def effective_request_cap(cfg: MiFuseConfig, target_df: pd.DataFrame) -> int:
+def effective_request_cap(cfg: MiFuseConfig, target_df) -> int:
     caps = [cfg.lalm.max_requests] if cfg.lalm.max_requests else []
     if cfg.lalm.max_cost_usd > 0:
         est = estimate_spend(cfg, target_df)
@@ -202,34 +256,76 @@ def effective_request_cap(cfg: MiFuseConfig, target_df: pd.DataFrame) -> int:
 
 def summarize(table: pd.DataFrame, labels) -> dict:
     """Clips, failures by reason, requests and cache hits, agreement, and UAR where labels are known."""
-    from .metrics import counting_unanswered_as_wrong, uar
+    return finish_counts(label_counts(table, labels), labels)
+
+
+def label_counts(table: pd.DataFrame, labels) -> dict:
+    """The additive part of ``summarize`` for one shard: counts that ``add_counts`` sums over shards,
+    so that a split's summary never needs its rows in one place."""
+    from .metrics import confusion_matrix, counting_unanswered_as_wrong
     C = len(labels)
     ok = table["error"].isna()
-    summary = {"clips": int(len(table)), "labelled": int(ok.sum()),
-               "failures": {str(k): int(v) for k, v in table.loc[~ok, "error"].value_counts().items()},
-               "lalm_requests": int(table.get("lalm_requests", pd.Series(dtype=int)).fillna(0).sum()),
-               "lalm_cache_hits": int(table.get("lalm_cache_hits", pd.Series(dtype=int)).fillna(0).sum())}
-    if ok.any():
-        both = ok & (table["lalm_pred"] >= 0) & (table["source_pred"] >= 0)
-        summary["teacher_agreement"] = float((table.loc[both, "lalm_pred"] == table.loc[both, "source_pred"]).mean()) \
-            if both.any() else float("nan")
-        summary["mean_weight_lalm"] = float(table.loc[ok, "weight_lalm"].mean())
+    counts = {"clips": int(len(table)), "labelled": int(ok.sum()),
+              "failures": {str(k): int(v) for k, v in table.loc[~ok, "error"].value_counts().items()},
+              "lalm_requests": int(table.get("lalm_requests", pd.Series(dtype=int)).fillna(0).sum()),
+              "lalm_cache_hits": int(table.get("lalm_cache_hits", pd.Series(dtype=int)).fillna(0).sum()),
+              "clips_asked": int(table["lalm_asked"].fillna(False).astype(bool).sum()) if "lalm_asked" in table
+              else int(ok.sum())}
+    if "fused_pred" not in table or not ok.any():
+        return counts
+    both = ok & (table["lalm_pred"] >= 0) & (table["source_pred"] >= 0)
+    counts["both_answered"] = int(both.sum())
+    counts["agree"] = int((table.loc[both, "lalm_pred"] == table.loc[both, "source_pred"]).sum())
+    counts["weight_lalm_sum"] = float(table.loc[ok, "weight_lalm"].sum())
+    names = (*teacher_names(table), "fused")
+    counts["predicted"] = {name: np.bincount(table.loc[ok & (table[f"{name}_pred"] >= 0), f"{name}_pred"].astype(int),
+                                             minlength=C).tolist() for name in names}
+    counts["fusion_status"] = {str(k): int(v) for k, v in table.loc[ok, "fusion_status"].value_counts().items()}
+    for truth_col in ("label", "oracle_label"):
+        if truth_col in table and table[truth_col].notna().any():
+            known = ok & table[truth_col].notna()
+            y = np.array([list(labels).index(v) for v in table.loc[known, truth_col]])
+            counts[f"confusion_{truth_col}"] = {
+                name: confusion_matrix(y, counting_unanswered_as_wrong(y, table.loc[known, f"{name}_pred"].to_numpy(), C),
+                                       C).tolist() for name in names}
+    return counts
+
+
+def add_counts(a: dict, b: dict) -> dict:
+    """Two shards' ``label_counts`` summed: numbers add, dicts merge by key, matrices add elementwise."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = add_counts(out[key], value)
+        elif isinstance(value, list):
+            out[key] = (np.asarray(out[key]) + np.asarray(value)).tolist()
+        else:
+            out[key] = out[key] + value
+    return out
+
+
+def finish_counts(counts: dict, labels) -> dict:
+    """A split's summary from its summed ``label_counts``."""
+    from .metrics import uar_from_confusion
+    summary = {k: counts.get(k, 0) for k in ("clips", "labelled", "lalm_requests", "lalm_cache_hits")}
+    summary["failures"] = counts.get("failures", {})
+    summary["lalm_budget"] = {"clips_asked": counts.get("clips_asked", 0), "clips_decoded": counts.get("labelled", 0)}
+    if "predicted" in counts:
+        both = counts["both_answered"]
+        summary["teacher_agreement"] = counts["agree"] / both if both else float("nan")
+        summary["mean_weight_lalm"] = counts["weight_lalm_sum"] / max(counts["labelled"], 1)
         # each teacher's and the fused label's class distribution: a teacher's bias at a glance
-        summary["predicted_classes"] = {
-            name: {label: float(v) for label, v in zip(labels, np.bincount(
-                table.loc[ok & (table[f"{name}_pred"] >= 0), f"{name}_pred"].astype(int), minlength=C)
-                / max(int((ok & (table[f"{name}_pred"] >= 0)).sum()), 1))}
-            for name in (*teacher_names(table), "fused")}
+        summary["predicted_classes"] = {name: {label: v / max(sum(row), 1) for label, v in zip(labels, row)}
+                                        for name, row in counts["predicted"].items()}
         never = [label for label, v in summary["predicted_classes"]["fused"].items() if v == 0]
         if never:
             summary["warnings"] = [f"the fused label never predicts {', '.join(never)}"]
-        summary["fusion_status"] = {str(k): int(v) for k, v in table.loc[ok, "fusion_status"].value_counts().items()}
-    truth_col = "label" if "label" in table and table["label"].notna().any() else "oracle_label"
-    if truth_col in table and table[truth_col].notna().any():
-        known = ok & table[truth_col].notna()
-        y = np.array([list(labels).index(v) for v in table.loc[known, truth_col]])
+        summary["fusion_status"] = counts["fusion_status"]
+    truth_col = next((c for c in ("label", "oracle_label") if f"confusion_{c}" in counts), None)
+    if truth_col:
         summary["truth_column"] = truth_col
-        for name in (*teacher_names(table), "fused"):
-            pred = table.loc[known, f"{name}_pred"].to_numpy()
-            summary[f"uar_{name}"] = uar(y, counting_unanswered_as_wrong(y, pred, C), C)
+        for name, cm in counts[f"confusion_{truth_col}"].items():
+            summary[f"uar_{name}"] = uar_from_confusion(np.asarray(cm))
     return summary

@@ -68,20 +68,26 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
 
 def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str,
                    name: str = "labels", limiter: tuple[str, int] | None = None):
-    """Label ``df`` (reusing ``<out_dir>/<name>.parquet`` when nothing that changes it has changed)."""
-    from .labeling import LabelingResult, label_target, summarize
+    """The teachers' draws for ``df`` in ``<out_dir>/<name>/draws``: reused when nothing that changes
+    them has changed, resumed shard by shard after an interrupted run at the same settings, labelled
+    afresh otherwise. Not fused: ``label_splits`` fuses every split with the run's own fusion."""
+    from .labeling import LabelingResult, label_target
     fingerprint = labeling_fingerprint(cfg, df, checkpoint, base_url)
     stage_dir = os.path.join(out_dir, name)
-    path = os.path.join(stage_dir, "labels.parquet")
-    if os.path.exists(path) and reuse.stamped(stage_dir, fingerprint):
-        table = pd.read_parquet(path)       # draws reused; label_splits fuses them with this run's fusion
-        summary = summarize(table, cfg.labels)
-        summary["reused"] = True
-        return LabelingResult(path, table, summary)
+    labels_path = os.path.join(stage_dir, "labels.parquet")
+    stored = reuse.stamped(stage_dir, fingerprint)
+    if stored is not None and stored.get("complete", True):
+        return LabelingResult(labels_path, {"reused": True}, os.path.join(stage_dir, "draws"))
+    if stored is None:                      # other settings (or none yet): nothing in the folder is ours
+        for old in ("draws", "labels.parquet", "manifest.parquet"):
+            reuse.remove_tree(os.path.join(stage_dir, old))
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.remove(os.path.join(stage_dir, old))
+    reuse.stamp(stage_dir, fingerprint, complete=False)     # a crash from here on resumes these shards
     if cfg.lalm.cache_dir == "":
         cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out_dir, "lalm_cache")))
-    result = label_target(cfg, df, stage_dir, checkpoint, base_url, limiter)
-    reuse.stamp(stage_dir, fingerprint)
+    result = label_target(cfg, df, stage_dir, checkpoint, base_url, limiter, fuse=False)
+    reuse.stamp(stage_dir, fingerprint, complete=True)
     return result
 
 
@@ -94,19 +100,19 @@ def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
     The adaptation split is what the student learns from; the labelled dev split calibrates and
     chooses the fusion (``choose_split_fusion``); the test split scores the LALM and the fused
     label beside the students. Each split's draws are reused when nothing that changes them has; the
-    chosen fusion (fitted on the adaptation split) is written into every split's labels.parquet.
+    chosen fusion (fitted on the adaptation split) fuses every split's draws into its labels shards.
     Returns ({split: LabelingResult}, FusionChoice)."""
-    from .labeling import fused_again, request_limiter, summarize, write_parquet
+    from .fused_shards import fuse_split
+    from .labeling import request_limiter
     with request_limiter(cfg, inputs.labelled_clips()) as limiter:     # one cap for every split of the run
         results = {split: label_or_reuse(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split],
                                          limiter)
                    for split, df in inputs.splits().items()}
-    choice = choose_split_fusion(cfg, {split: res.table for split, res in results.items()})
+    draws = {split: res.draws if split == "adapt" else res.draws.to_pandas() for split, res in results.items()}
+    choice = choose_split_fusion(cfg, draws)
     for split, res in results.items():
-        fit = choice.fit if split == "adapt" else choice.fit_for(res.table, cfg.labels)
-        res.table = fused_again(res.table, len(cfg.labels), choice.config, fit)
-        write_parquet(res.table, res.labels_path)
-        res.summary.update(summarize(res.table, cfg.labels))
+        fit = choice.fit if split == "adapt" else choice.fit_for(draws[split], cfg.labels)
+        res.summary.update(fuse_split(res.draws, res.shards, cfg.labels, choice.config, fit))
     results["adapt"].summary["fusion"] = choice.summary()
     return results, choice
 
@@ -130,6 +136,15 @@ def label_run(cfg: MiFuseConfig, inputs: Inputs, out: str, spend: dict | None = 
                                     "lalm_endpoint": base_url, "audio_sent_to": base_url,
                                     "estimated_spend": spend})
         return label_splits(cfg, inputs, out, base_url)
+
+
+REPORT_PLOT_CLIPS = 20000      # the report's fusion plots draw the first shards of the adaptation split, up to this
+
+
+def split_tables(split_labels: dict) -> dict:
+    """What the students read of each split: the adaptation split as shards (streamed by the
+    cluster, never collected here), the labelled dev and test splits as frames (small)."""
+    return {split: res.shards if split == "adapt" else res.table for split, res in split_labels.items()}
 
 
 def student_dev_half(dev_df: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -201,7 +216,7 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers, then fusion", 5, 2):
         split_labels, choice = label_run(cfg, inputs, out, spend)
     times["label"] = time.time() - t
-    tables = {split: res.table for split, res in split_labels.items()}
+    tables = split_tables(split_labels)
     t = time.time()
     students = train_students(cfg, tables, choice, inputs.dev_df, inputs.source_checkpoint, out, student_runs(cfg))
     times.update({f"train_{name}": s.seconds for name, s in students.items()})
@@ -217,7 +232,7 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     results["choices"] = choice_record(cfg, choice, students)
     times["total"] = time.time() - t0
     with stage("writing the report", 5, 5):
-        report = write_report(cfg, out, results, times, split_labels["adapt"].table, students)
+        report = write_report(cfg, out, results, times, split_labels["adapt"].shards.head(REPORT_PLOT_CLIPS), students)
     with open(os.path.join(out, "choices.json"), "w") as fh:
         json.dump(results["choices"], fh, indent=2, default=str)
     with open(os.path.join(out, "results.json"), "w") as fh:

@@ -71,6 +71,7 @@ def test_a_lost_node_costs_no_clip_and_no_answer_twice_then_ddp_across_nodes(dem
         cfg.lalm.batch_size, cfg.lalm.num_actors, cfg.lalm.concurrency = 8, 2, 4
         cfg.lalm.cache_dir = os.path.join(shared, "lalm_cache")
         cfg.lalm.qps = 500.0          # not binding; the limiter actor must sit on the head and outlive the lost node
+        cfg.shard_rows = 16           # ten shards: some are written before the node is lost, some after
         record: dict = {}
         # latency makes labelling last long enough (~8 s) to lose the node in the middle of it
         with BackgroundServer(ServerConfig(labels=tuple(cfg.labels), latency_s=0.4)) as server:
@@ -80,6 +81,15 @@ def test_a_lost_node_costs_no_clip_and_no_answer_twice_then_ddp_across_nodes(dem
             requests = server.stats["requests"]
         table = result.table
         assert "killed_at" in record and record["requests_at_kill"] < len(clips), record   # lost mid-labelling
+        # the labels were written by the cluster: the head runs no work, so every writer sat on a worker node
+        assert result.summary["shard_writer_nodes"], result.summary
+        assert cluster.head_node.node_id not in result.summary["shard_writer_nodes"]
+        # no partial shard: every file is a whole Parquet file of its slice, no temporary file is left
+        import pyarrow.parquet as pq
+        for folder in (result.draws.root, result.shards.root):
+            assert not [f for f in os.listdir(folder) if f.startswith(".")], os.listdir(folder)
+        draws_rows = [pq.read_table(p).num_rows for p in result.draws.paths()]
+        assert len(draws_rows) == 10 and sum(draws_rows) == len(clips), draws_rows
         # every clip exactly once, and labelled (none lost with the node)
         assert sorted(table["clip_id"]) == sorted(clips["clip_id"])
         assert table["error"].isna().all(), table["error"].value_counts()

@@ -98,6 +98,53 @@ def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_roo
             assert plain(again.table[col]) == plain(table[col])
 
 
+def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_root, tmp_path):
+    """Resume at shard granularity: finished shards stay as they are (same file), the rerun labels only
+    the slices whose shard is missing, from the response cache, and leaves no stray file behind."""
+    from mifuse_ray.labeling import label_target, summarize
+    df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(50)
+    cfg = MiFuseConfig()
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.shard_rows = 2, 3, 8
+    cfg.lalm.cache_dir = str(tmp_path / "cache")
+    out = str(tmp_path / "out")
+    with BackgroundServer(ServerConfig()) as server:
+        first = label_target(cfg, df, out, source_model, server.url)
+        before = first.table
+        paid = server.stats["requests"]
+        draws = sorted(first.draws.paths())
+        assert len(draws) == 7 and first.summary["shards_resumed"] == 0      # 50 clips, 8 a shard
+        stamp = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in draws}
+        for p in draws[1:3]:
+            os.remove(p)                                       # as if the run died before writing these
+        stray = os.path.join(first.draws.root, ".shard-00000-00000-0001.parquet.1234abcd.tmp")
+        open(stray, "wb").write(b"PAR1 half a file")           # a writer killed mid-write
+        again = label_target(cfg, df, out, source_model, server.url)
+        assert server.stats["requests"] == paid                 # nothing paid twice
+    # kept shards keep their first run's counts; the two labelled again got every answer from the cache
+    assert again.summary["shards_resumed"] == 5 and again.summary["lalm_cache_hits"] == 2 * 8 * 2
+    assert not os.path.exists(stray)
+    for p in draws[:1] + draws[3:]:
+        assert (os.stat(p).st_ino, os.stat(p).st_mtime_ns) == stamp[p], p    # kept, not rewritten
+    after = again.table
+    assert list(after["clip_id"]) == sorted(df["clip_id"])
+    for col in ("lalm_votes", "source_votes", "fused_pred"):
+        assert plain(after[col]) == plain(before[col]), col
+    # the summary, summed shard by shard, is what the whole table gives
+    whole = summarize(after, cfg.labels)
+    for key, value in whole.items():
+        if key != "lalm_budget":
+            assert same(again.summary[key], value), key
+
+
+def same(a, b) -> bool:
+    """Equal, floats within 1e-9 (NaN equal to NaN), dicts key by key."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return bool(np.isclose(a, b, rtol=1e-9, equal_nan=True))
+    return a == b
+
+
 def test_reused_labels_follow_this_runs_fusion(ray_cluster, source_model, demo_root, tmp_path):
     """Stored labels are reused whatever the fusion settings (no answer is paid for twice), but they
     are fused with the settings of the run that reuses them, and the file then holds that fusion."""
@@ -107,7 +154,9 @@ def test_reused_labels_follow_this_runs_fusion(ray_cluster, source_model, demo_r
     inputs = Inputs("podcast", source_model, df, None, None)
 
     def label(cfg, *_):
-        return label_splits(cfg, inputs, out, server.url)[0]["adapt"]
+        result = label_splits(cfg, inputs, out, server.url)[0]["adapt"]
+        result.table                     # read now: the next run fuses the same shards again
+        return result
     cfg = MiFuseConfig()
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip = 3, 4
     cfg.lalm.cache_dir = str(tmp_path / "cache")

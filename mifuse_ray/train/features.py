@@ -40,6 +40,10 @@ def waveform_needs(cfg, mode: Mode) -> list[str]:
 def has_stored_trunk(*tables: pd.DataFrame | None) -> bool:
     """Every given table is there and carries a stored trunk output for each of its labelled clips."""
     for table in tables:
+        if hasattr(table, "has_trunk"):          # training rows on the cluster (``labels.TrainingRows``)
+            if not table.has_trunk:
+                return False
+            continue
         if table is None or TRUNK_FEATURES not in table.columns:
             return False
         ok = table["error"].isna() if "error" in table.columns else slice(None)

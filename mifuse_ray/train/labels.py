@@ -37,6 +37,8 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     but the source model (the EMA takes its place) for online re-fusion."""
     C = len(cfg.labels)
     ok = labels_table[labels_table["error"].isna()].reset_index(drop=True)
+    if not len(ok):
+        return ok
     fused = fusion_columns(ok, C, fusion, fit)
     q = np.stack(fused["q"]).astype(np.float32)
     valid = np.isfinite(q).all(1)
@@ -53,10 +55,52 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     return table.reset_index(drop=True)
 
 
-def class_prior(cfg: MiFuseConfig, table: pd.DataFrame) -> list[float]:
+@dataclasses.dataclass
+class TrainingRows:
+    """A mode's training rows as a Ray Dataset held in the object store (never in the driver), and the
+    few numbers the driver needs of them, summed over batches by the cluster."""
+
+    dataset: object             # materialised Ray Dataset of ``training_table`` rows, in shard order
+    n: int
+    q_mean: list
+    digest: str                 # the rows' clip ids, labels and weights, however they were batched
+    has_trunk: bool             # every row carries the trunk output the source stage stored
+
+
+def _rows_stats(batch: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    from ..label_shards import shard_rows_digest
+    keyed = pd.DataFrame({"clip_id": batch["clip_id"], "q": [np.round(np.asarray(q, dtype=np.float64), 5).tolist()
+                                                            for q in batch["q"]],
+                          "w": np.round(batch["clip_weight"].to_numpy(np.float64), 5)})
+    n, hashed = shard_rows_digest(keyed, ["clip_id", "q", "w"])
+    q_sum = np.stack(batch["q"]).sum(0).tolist() if n else [0.0] * num_classes
+    missing = int(batch[TRUNK_FEATURES].isna().sum()) if TRUNK_FEATURES in batch else n
+    return pd.DataFrame({"n": [n], "hash": [str(hashed)], "q_sum": [q_sum], "trunk_missing": [missing]})
+
+
+def training_rows(labels, cfg: MiFuseConfig, fusion: FusionConfig, fit: FusionFit | None) -> TrainingRows:
+    """``training_table`` mapped over a split's labels by Ray Data tasks: a sharded split
+    (``LabelShards``) is read by the cluster; a table in memory goes in as blocks."""
+    from ..data import manifest_dataset
+    from ..fused_shards import FUSE_CPUS
+    C = len(cfg.labels)
+    ds = manifest_dataset(labels) if isinstance(labels, pd.DataFrame) else labels.dataset()
+    ds.context.execution_options.preserve_order = True          # the same rows in the same order every run
+    rows = ds.map_batches(training_table, fn_kwargs=dict(cfg=cfg, fusion=fusion, fit=fit), batch_format="pandas",
+                          batch_size=4096, num_cpus=FUSE_CPUS).materialize()
+    parts = rows.map_batches(_rows_stats, fn_kwargs=dict(num_classes=C), batch_format="pandas", batch_size=4096,
+                             num_cpus=FUSE_CPUS).take_all()
+    n = sum(int(p["n"]) for p in parts)
+    q_sum = np.sum([p["q_sum"] for p in parts], axis=0) if parts else np.zeros(C)
+    digest = str(sum(int(p["hash"]) for p in parts) % 2**64)
+    return TrainingRows(rows, n, (np.asarray(q_sum) / max(n, 1)).tolist(), digest,
+                        bool(parts) and all(int(p["trunk_missing"]) == 0 for p in parts))
+
+
+def class_prior(cfg: MiFuseConfig, rows: TrainingRows) -> list[float]:
     C = len(cfg.labels)
     if cfg.train.diversity_prior == "q_mean":
-        return np.stack(table["q"]).mean(0).tolist()
+        return list(rows.q_mean)
     return [1.0 / C] * C
 
 

@@ -13,7 +13,6 @@ import shutil
 import time
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from .. import reuse
@@ -21,7 +20,7 @@ from ..config import MiFuseConfig, result_fields
 from ..fused_labels import teacher_names
 from .checkpoint import HISTORY_FILE, read_history
 from .features import learns_on_stored_trunk
-from .labels import class_prior, fused_dev_uar, mode_labels, training_table, with_stored_trunk
+from .labels import class_prior, fused_dev_uar, mode_labels, training_rows, with_stored_trunk
 from .loop import LoopInputs, student_loop
 from .modes import MODES
 
@@ -47,32 +46,32 @@ def train_student(cfg: MiFuseConfig, labels_table: pd.DataFrame, dev_df: pd.Data
     start = time.time()
     mode = MODES[cfg.train.mode]
     fusion, fit = mode_labels(cfg, labels_table, choice)
-    table = training_table(labels_table, cfg, fusion, fit)
-    if table.empty:
+    rows = training_rows(labels_table, cfg, fusion, fit)
+    if rows.n == 0:
         raise ValueError("no clip has a usable fused label: nothing to train the student on")
-    stored, why_not = learns_on_stored_trunk(cfg, mode, table, *([] if dev_df is None else [dev_labels]))
+    stored, why_not = learns_on_stored_trunk(cfg, mode, rows, *([] if dev_df is None else [dev_labels]))
     if stored and dev_df is not None:
         dev_df = with_stored_trunk(dev_df, dev_labels)
-    inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=len(table),
-                        prior=class_prior(cfg, table), fusion=fusion, fit=fit,
+    inputs = LoopInputs(cfg=cfg, mode=mode, source_checkpoint=os.path.abspath(source_checkpoint), n_train=rows.n,
+                        prior=class_prior(cfg, rows), fusion=fusion, fit=fit,
                         fused_dev_uar=fused_dev_uar(dev_labels, dev_df, cfg, fusion, fit),
                         teachers=teacher_names(labels_table), stored_trunk=stored,
                         tensorboard_dir=os.path.abspath(os.path.join(out_dir, "tensorboard", run_name)),
                         step_hook=step_hook)
     final_dir = os.path.join(out_dir, "models", run_name)
-    fingerprint = student_fingerprint(inputs, table, dev_df)
+    fingerprint = student_fingerprint(inputs, rows, dev_df)
     done = reuse.stamped(final_dir, fingerprint)
     if done is not None and not report_to_tune:
         return StudentResult(**done["result"])
     log.info("%s student: %s", run_name, "learns on the trunk output stored while labelling" if stored
              else f"runs its trunk on the audio every step ({why_not})")
-    result = _fit(cfg, inputs, table, dev_df, out_dir, run_name, fingerprint, report_to_tune)
+    result = _fit(cfg, inputs, rows, dev_df, out_dir, run_name, fingerprint, report_to_tune)
     res = _final_model(result, final_dir, mode.ema, inputs.fused_dev_uar, time.time() - start)
     reuse.stamp(final_dir, fingerprint, result=dataclasses.asdict(res))
     return res
 
 
-def _fit(cfg: MiFuseConfig, inputs: LoopInputs, table: pd.DataFrame, dev_df, out_dir: str, run_name: str,
+def _fit(cfg: MiFuseConfig, inputs: LoopInputs, rows, dev_df, out_dir: str, run_name: str,
          fingerprint: str, report_to_tune: bool):
     """The ``TorchTrainer`` run. Same name and storage as an interrupted run at the same settings:
     Ray Train restores its latest checkpoint; at other settings the old state is removed first."""
@@ -81,7 +80,8 @@ def _fit(cfg: MiFuseConfig, inputs: LoopInputs, table: pd.DataFrame, dev_df, out
     from ..data import ordered_ingest, stored_rows, training_clips
     t = cfg.train
     clips = stored_rows if inputs.stored_trunk else (lambda df: training_clips(df, cfg.audio, t.ingest))
-    datasets = {"train": clips(table)}
+    datasets = {"train": rows.dataset if inputs.stored_trunk else training_clips(rows.dataset, cfg.audio, t.ingest,
+                                                                                  n_clips=rows.n)}
     if dev_df is not None and len(dev_df) > 0:
         datasets["dev"] = clips(dev_df)
     storage = t.storage_path or os.path.abspath(os.path.join(out_dir, "_ray_train"))
@@ -126,7 +126,7 @@ def _tune_callbacks() -> list:
     return [TuneReportCallback()]
 
 
-def student_fingerprint(inputs: LoopInputs, table: pd.DataFrame, dev_df: pd.DataFrame | None) -> str:
+def student_fingerprint(inputs: LoopInputs, rows, dev_df: pd.DataFrame | None) -> str:
     """Everything that changes a student: every result field of the config (train, audio, fusion),
     the mode's fusion and fit, the source checkpoint, the clips and their labels, the dev clips."""
     cfg = inputs.cfg
@@ -136,4 +136,4 @@ def student_fingerprint(inputs: LoopInputs, table: pd.DataFrame, dev_df: pd.Data
                          "prior": inputs.prior, "labels": cfg.labels, "source": inputs.source_checkpoint,
                          "fused_dev_uar": inputs.fused_dev_uar, "stored_trunk": inputs.stored_trunk,
                          "dev": sorted(dev_df["clip_id"]) if dev_df is not None else None,
-                         "clips": list(table["clip_id"]), "q": np.round(np.stack(table["q"]), 5)})
+                         "rows": [rows.n, rows.digest]})
