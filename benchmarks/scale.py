@@ -118,8 +118,13 @@ def make_clips(work: str, n: int) -> pd.DataFrame:
         rows.append({"clip_id": f"{i:06d}", "path": path, "label": src["label"], "split": "adapt",
                      "domain": "call_centre", "speaker_id": src["speaker_id"]})
     df = pd.DataFrame(rows)
-    df.to_parquet(manifest)
+    df.to_parquet(manifest, row_group_size=1024)        # row groups = label shards: each read task reads its own
     return df
+
+
+def manifest_path(df: pd.DataFrame) -> str:
+    """The Parquet manifest ``make_clips`` wrote for this frame (labelling reads it, not the frame)."""
+    return os.path.join(os.path.dirname(df["path"].iloc[0]), "..", "..", f"manifest_{len(df)}.parquet")
 
 
 def bench_config():
@@ -156,16 +161,17 @@ def run_labeling(cfg, df: pd.DataFrame, checkpoint: str, out: str) -> float:
     cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out, "lalm_cache")))
     with BackgroundServer(ServerConfig(labels=tuple(cfg.labels), benchmark=True)) as server:
         start = time.time()
-        result = label_target(cfg, df, out, checkpoint, server.url)
+        result = label_target(cfg, manifest_path(df), out, checkpoint, server.url, split="adapt")   # streamed
         seconds = time.time() - start
-    assert len(result.table) == len(df) and result.table["error"].isna().all(), result.summary.get("failures")
+    assert result.summary["clips"] == len(df) and result.summary["labelled"] == len(df), result.summary.get("failures")
     return seconds
 
 
 def run_student_epoch(cfg, out: str, checkpoint: str) -> tuple[float, float]:
     """(epoch seconds inside the Train worker, wall seconds of the whole call)."""
     from mifuse_ray.train.student import train_student
-    table = pd.read_parquet(os.path.join(out, "labels.parquet"))
+    from mifuse_ray.label_shards import LabelShards
+    table = LabelShards(os.path.join(out, "labels.parquet"))      # the shards, read by the cluster
     shutil.rmtree(os.path.join(out, "models"), ignore_errors=True)
     shutil.rmtree(os.path.join(out, "_ray_train"), ignore_errors=True)
     start = time.time()
