@@ -13,13 +13,10 @@ FUSE_CPUS = 0.25        # a fusion task is numpy over one shard; small, so it ne
 
 
 def _fuse_one(draws_path: str, out_path: str, num_classes: int, fusion_cfg, fit, labels) -> dict:
-    import pyarrow.parquet as pq
-
     from .fused_labels import NO_TEACHER_ERROR, fusion_columns
-    from .label_shards import _fs, write_table_atomic
+    from .label_shards import read_frames, write_table_atomic
     from .labeling import label_counts
-    fs, where = _fs(draws_path)
-    table = pq.read_table(where, filesystem=fs).to_pandas()
+    table = next(read_frames([draws_path]))
     table.loc[table["error"] == NO_TEACHER_ERROR, "error"] = None        # fused afresh: the status may change
     fused = fusion_columns(table, num_classes, fusion_cfg, fit)
     write_table_atomic(fused, out_path)

@@ -39,12 +39,12 @@ def write_table_atomic(df: pd.DataFrame, path: str, row_group_rows: int | None =
     """Write ``df`` to ``path`` as Parquet so that a reader sees the whole file or none of it: a
     temporary name, then a rename (object stores make the final PUT atomic on their own)."""
     import pyarrow as pa
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     fs, where = _fs(path)
     table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
     parent = os.path.dirname(where)
     fs.create_dir(parent, recursive=True)
-    import pyarrow.fs as pafs
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = os.path.join(parent, f".{os.path.basename(where)}.{uuid.uuid4().hex[:8]}.tmp")
         pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_rows)
