@@ -12,8 +12,9 @@ its audio streamed (decoded again each epoch, ``train.ingest stream``, the defau
 10k clips, decoded once into the object store (``materialize``), the natural alternative.
 
 Each (N, stage) cell runs in a fresh local Ray cluster. Memory is sampled every second: the
-driver's RSS and, over the whole cluster, the sum of PSS of this user's Ray processes and the
-driver (shared object-store pages counted once), plus the object store's used bytes.
+driver's RSS (its peak, and ``driver_rss_mb``: what it still holds once the stage has returned),
+over the whole cluster the sum of PSS of this user's Ray processes and the driver (shared
+object-store pages counted once), and the object store's used bytes.
 The bound column is the source stage's own rate: the same model, K and scope on clips already
 decoded in memory, in one process with both cores, so ``ratio_to_bound`` is the pipeline's
 overhead (decoding, Arrow blocks, the LALM stage, fusion, writing).
@@ -38,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale", "scale.csv")
 STAGES = ("labeling", "student_epoch", "student_epoch_materialized")
 COLUMNS = ["n_clips", "stage", "clips_per_s", "peak_rss_mb", "driver_peak_rss_mb", "object_store_peak_mb",
-           "seconds", "bound_clips_per_s", "ratio_to_bound", "settings", "machine", "commit"]
+           "seconds", "bound_clips_per_s", "ratio_to_bound", "settings", "machine", "commit", "driver_rss_mb"]
 
 
 class MemorySampler:
@@ -56,6 +57,8 @@ class MemorySampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        import psutil
+        self.driver_end = psutil.Process().memory_info().rss / 2**20   # what the driver kept once the stage returned
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -163,7 +166,8 @@ def run_labeling(cfg, df: pd.DataFrame, checkpoint: str, out: str) -> float:
         start = time.time()
         result = label_target(cfg, manifest_path(df), out, checkpoint, server.url, split="adapt")   # streamed
         seconds = time.time() - start
-    assert result.summary["clips"] == len(df) and result.summary["labelled"] == len(df), result.summary.get("failures")
+    if not result.summary["clips"] == result.summary["labelled"] == len(df):
+        raise SystemExit(f"{len(df)} clips, {result.summary['labelled']} labelled: {result.summary.get('failures')}")
     return seconds
 
 
@@ -207,7 +211,7 @@ def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
             "driver_peak_rss_mb": round(mem.peaks["driver"]), "object_store_peak_mb": round(mem.peaks["object_store"]),
             "seconds": round(seconds, 1), "bound_clips_per_s": round(bound, 2) if bound else None,
             "ratio_to_bound": round(rate / bound, 3) if bound else None, "settings": settings,
-            "machine": machine(), "commit": commit()}
+            "machine": machine(), "commit": commit(), "driver_rss_mb": round(mem.driver_end)}
 
 
 def main() -> None:
@@ -219,6 +223,7 @@ def main() -> None:
     p.add_argument("--work", default=runs_dir("scale"), help="clips, labels and caches (GBs at 50k)")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
+    args.work = os.path.abspath(args.work)       # the manifest's paths are absolute: it is read from any folder
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     done = pd.read_csv(args.results) if os.path.exists(args.results) else pd.DataFrame(columns=COLUMNS)

@@ -32,9 +32,16 @@ def fuse_split(draws, out, labels, fusion_cfg, fit) -> dict:
     from .reuse import remove_tree
     remove_tree(out.root)
     task = ray.remote(num_cpus=FUSE_CPUS)(_fuse_one)
-    pending = [task.remote(p, out.shard_path(os.path.basename(p).rsplit(".", 1)[0]), len(labels), fusion_cfg, fit,
-                           list(labels)) for p in draws.paths()]
-    counts: dict = {}
-    for part in ray.get(pending):
-        counts = add_counts(counts, part)
+    fit_ref = ray.put(fit)                          # one copy in the object store, not one per task
+    todo, pending, counts = list(draws.paths()), [], {}
+    in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    while todo or pending:
+        # at most one task per declared CPU at a time: every task queued at once makes the raylet start a
+        # worker process for each (~140 MB apiece: 20 of them were the 50k-clip run's memory peak)
+        while todo and len(pending) < in_flight:
+            path = todo.pop(0)
+            pending.append(task.remote(path, out.shard_path(os.path.basename(path).rsplit(".", 1)[0]), len(labels),
+                                       fusion_cfg, fit_ref, list(labels)))
+        done, pending = ray.wait(pending, num_returns=1)
+        counts = add_counts(counts, ray.get(done[0]))
     return finish_counts(counts, labels)

@@ -11,15 +11,12 @@ BALD mutual information of the soft draws is computed too where soft draws exist
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-try:  # torch is a dependency, but keep the pure numpy path importable on its own.
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None
 
 UNCERTAINTIES = ("vote_entropy", "mi", "entropy")
 WEIGHTINGS = ("exp", "inverse", "equal", "fixed")
@@ -58,6 +55,9 @@ STATUS_NAMES = ("fused", "equal_weights_single_draw", "teacher_missing", "no_tea
 
 
 def _is_torch(x) -> bool:
+    """Whether ``x`` is a tensor, without importing torch: a tensor exists only once torch is imported, and
+    the numpy path (the fusion map's tasks, the fit's holder actors) then stays ~0.4 GB smaller a worker."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -66,19 +66,20 @@ class _Ops:
 
     def __init__(self, like):
         self.torch = _is_torch(like)
+        self.t = sys.modules["torch"] if self.torch else None     # the torch module, on the torch path only
         self.device = like.device if self.torch else None
 
     def f32(self, x):
         if self.torch:
-            return x.to(torch.float32) if _is_torch(x) else torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            return x.to(self.t.float32) if _is_torch(x) else self.t.as_tensor(x, dtype=self.t.float32, device=self.device)
         return np.asarray(x, dtype=np.float32)
 
     def arange(self, n):
-        return torch.arange(n, device=self.device) if self.torch else np.arange(n)
+        return self.t.arange(n, device=self.device) if self.torch else np.arange(n)
 
     def where(self, cond, a, b):
         if self.torch:
-            return torch.where(cond, self.f32(a), self.f32(b))
+            return self.t.where(cond, self.f32(a), self.f32(b))
         return np.where(cond, a, b).astype(np.float32)
 
     def sum_keep(self, x):
@@ -88,13 +89,13 @@ class _Ops:
         return x.max(1, keepdim=True).values if self.torch else x.max(1, keepdims=True)
 
     def stack(self, xs):
-        return torch.stack(xs, 1) if self.torch else np.stack(xs, 1)
+        return self.t.stack(xs, 1) if self.torch else np.stack(xs, 1)
 
     def exp(self, x):
-        return torch.exp(x) if self.torch else np.exp(x)
+        return self.t.exp(x) if self.torch else np.exp(x)
 
     def log(self, x):
-        return torch.log(x) if self.torch else np.log(x)
+        return self.t.log(x) if self.torch else np.log(x)
 
     def index(self, x):
         return x.long() if self.torch else x
@@ -102,11 +103,11 @@ class _Ops:
     def no_rows(self, like):
         """An all-False (B,) mask."""
         if self.torch:
-            return torch.zeros(like.shape[0], dtype=torch.bool, device=self.device)
+            return self.t.zeros(like.shape[0], dtype=self.t.bool, device=self.device)
         return np.zeros(like.shape[0], dtype=bool)
 
     def to_int(self, x):
-        return x.to(torch.int64) if self.torch else x.astype(np.int64)
+        return x.to(self.t.int64) if self.torch else x.astype(np.int64)
 
 
 def entropy(p, axis: int = -1):
@@ -352,9 +353,10 @@ def draw_labels(soft, uniforms):
     source teacher's votes with it, training the EMA teacher's: one code path for both.
     """
     if _is_torch(soft):
-        cdf = soft.to(torch.float64).cumsum(-1)
+        float64 = sys.modules["torch"].float64
+        cdf = soft.to(float64).cumsum(-1)
         cdf[..., -1] = float("inf")
-        return (uniforms.to(cdf.device, torch.float64)[..., None] >= cdf).sum(-1)
+        return (uniforms.to(cdf.device, float64)[..., None] >= cdf).sum(-1)
     soft = np.asarray(soft, dtype=np.float64)
     cdf = np.cumsum(soft, axis=-1)
     cdf[..., -1] = np.inf

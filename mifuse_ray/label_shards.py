@@ -133,7 +133,11 @@ def write_manifest(df: pd.DataFrame, path: str, rows_per_shard: int = SHARD_ROWS
     """A manifest held in memory (a folder listing, a small split) as a Parquet manifest whose row
     groups are the shards' slices: the one form the labelling pipeline reads."""
     keep = [c for c in df.columns if c != "audio"]
-    write_table_atomic(df[keep].reset_index(drop=True), path, row_group_rows=rows_per_shard)
+    df = df[keep].reset_index(drop=True)
+    if "path" in df:    # a relative path in a frame is relative to here; in a manifest file, to the file's folder
+        df["path"] = [p if not isinstance(p, str) or os.path.isabs(p) or "://" in p else os.path.abspath(p)
+                      for p in df["path"]]
+    write_table_atomic(df, path, row_group_rows=rows_per_shard)
     return path
 
 

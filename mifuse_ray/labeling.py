@@ -266,7 +266,9 @@ def label_counts(table: pd.DataFrame, labels) -> dict:
     C = len(labels)
     ok = table["error"].isna()
     counts = {"clips": int(len(table)), "labelled": int(ok.sum()),
-              "failures": {str(k): int(v) for k, v in table.loc[~ok, "error"].value_counts().items()},
+              # by reason (an error is "reason: detail", the detail often a path): a few keys however many clips fail
+              "failures": {str(k): int(v) for k, v in
+                           table.loc[~ok, "error"].astype(str).str.split(": ", n=1).str[0].value_counts().items()},
               "lalm_requests": int(table.get("lalm_requests", pd.Series(dtype=int)).fillna(0).sum()),
               "lalm_cache_hits": int(table.get("lalm_cache_hits", pd.Series(dtype=int)).fillna(0).sum()),
               "clips_asked": int(table["lalm_asked"].fillna(False).astype(bool).sum()) if "lalm_asked" in table

@@ -101,8 +101,17 @@ class HeldSplit:
                 pass
 
 
+SHARDS_PER_HOLDER = 128     # ~130k clips, ~50 MB of draws: a holder is a worker process (~130 MB) before its data
+
+
+def holder_count(shards: int, cluster_cpus: float) -> int:
+    """Holders for a split of ``shards`` shards: one per ``SHARDS_PER_HOLDER`` (more would each cost a
+    process for a few MB of draws), at most one per 2 of the cluster's CPUs (the passes' parallelism)."""
+    return max(1, min(-(-shards // SHARDS_PER_HOLDER), int(cluster_cpus // 2)))
+
+
 def held_split(shards, num_classes: int) -> HeldSplit:
-    """The split's holders, started on first use (one per 2 of the cluster's CPUs, at most one per shard)."""
+    """The split's holders, started on first use (``holder_count`` of them)."""
     import ray
     paths = shards.paths()
     # the driver's node id: a new cluster (ray.shutdown, ray.init) starts new holders
@@ -110,7 +119,7 @@ def held_split(shards, num_classes: int) -> HeldSplit:
     if key not in _HELD:
         while len(_HELD) >= _KEEP:
             _HELD.pop(next(iter(_HELD))).release()
-        holders = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 2) // 2)))
+        holders = holder_count(len(paths), ray.cluster_resources().get("CPU", 2))
         _HELD[key] = HeldSplit(paths, num_classes, holders)
     return _HELD[key]
 

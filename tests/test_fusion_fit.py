@@ -197,3 +197,19 @@ def test_speaker_normalised_inference_scores_every_clip():
     plain = np.argmax(logits, 1)
     keep = np.arange(40) != 3
     assert recall(pred[:40][keep], y[:40][keep]) > recall(plain[:40][keep], y[:40][keep]) + 0.1
+
+
+def test_the_fusion_workers_never_import_torch():
+    """The fusion map's tasks and the fit's holder actors are numpy only: torch in each of those worker
+    processes was ~0.4 GB apiece, the largest part of a labelling run's memory peak."""
+    import subprocess
+    import sys
+    code = ("import sys; import mifuse_ray.fused_shards, mifuse_ray.split_stats, mifuse_ray.labeling, "
+            "mifuse_ray.fused_labels, mifuse_ray.label_shards; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_one_holder_per_128_shards_and_at_most_one_per_two_cpus():
+    from mifuse_ray.split_stats import holder_count
+    assert [holder_count(n, 8) for n in (1, 128, 129, 196, 10_000)] == [1, 1, 2, 2, 4]
+    assert holder_count(500, 1) == 1
