@@ -129,6 +129,61 @@ def read_slice(s: Slice, split: str | None = None) -> pd.DataFrame:
     return df
 
 
+@dataclasses.dataclass(frozen=True)
+class ManifestSplit:
+    """One split of a Parquet manifest, known from one streamed pass over three of its columns: how a
+    run holds its adaptation split without a row per clip in the driver. ``digest`` identifies its
+    clips (ids and paths, in any order) for reuse; ``mean_seconds`` is 0 without a ``duration_s`` column."""
+
+    path: str
+    split: str | None
+    clips: int
+    mean_seconds: float
+    digest: str
+    splits_present: frozenset = frozenset()     # every value of the manifest's ``split`` column
+    has_labels: bool = False                    # the manifest has a ``label`` column
+
+    def __len__(self) -> int:
+        return self.clips
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The split as a frame, for a tool that wants one (a small benchmark split)."""
+        return pd.concat([read_slice(s, self.split) for s in plan_shards(self.path)], ignore_index=True)
+
+
+def scan_manifest(manifest: str, split: str | None) -> ManifestSplit:
+    """``ManifestSplit`` of ``manifest`` (a file or a folder of them), reading it a row group at a time,
+    and checking what a run would otherwise find only after paying for answers: the columns, a split
+    with clips, and unique clip ids (8 bytes a clip while checking, then dropped)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+    clips, seconds, digest, id_hashes, present, has_labels = 0, 0.0, 0, [], set(), False
+    for path in manifest_files(manifest):
+        fs, where = _fs(path)
+        file = pq.ParquetFile(where, filesystem=fs)
+        names = set(file.schema_arrow.names)
+        if {"clip_id", "path"} - names:
+            raise ValueError(f"manifest {path} lacks columns {sorted({'clip_id', 'path'} - names)}")
+        columns = ["clip_id", "path", *(c for c in ("split", "duration_s") if c in names)]
+        has_labels |= "label" in names
+        for rg in range(file.metadata.num_row_groups):
+            df = file.read_row_group(rg, columns=columns).to_pandas()
+            present |= set(df["split"].dropna().unique()) if "split" in df else set()
+            if split is not None and "split" in df:
+                df = df[df["split"] == split]
+            clips += len(df)
+            seconds += float(df["duration_s"].fillna(0).sum()) if "duration_s" in df else 0.0
+            id_hashes.append(pd.util.hash_array(df["clip_id"].astype(str).to_numpy()))
+            digest = (digest + shard_rows_digest(df, ["clip_id", "path"])[1]) % 2**64
+    ids = np.sort(np.concatenate(id_hashes)) if id_hashes else np.zeros(0, np.uint64)
+    if len(ids) and (ids[1:] == ids[:-1]).any():
+        raise ValueError(f"duplicate clip_id in {manifest} (split {split!r}): every clip needs its own id")
+    key = f"{clips}:{digest}:{split}".encode()
+    return ManifestSplit(manifest, split, clips, seconds / clips if clips else 0.0, hashlib.sha256(key).hexdigest(),
+                         frozenset(present), has_labels)
+
+
 def write_manifest(df: pd.DataFrame, path: str, rows_per_shard: int = SHARD_ROWS) -> str:
     """A manifest held in memory (a folder listing, a small split) as a Parquet manifest whose row
     groups are the shards' slices: the one form the labelling pipeline reads."""

@@ -289,3 +289,36 @@ class BackgroundServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _serve(cfg: ServerConfig, urls) -> None:
+    """A ``ServerProcess``'s body: the endpoint until the process is terminated."""
+    server = BackgroundServer(cfg).start()
+    urls.put(server.url)
+    server._thread.join()
+
+
+class ServerProcess:
+    """The endpoint in a process of its own, for measurements of the pipeline's driver: in a thread
+    (``BackgroundServer``) its answers' state and its share of the GIL would count as the driver's.
+    A real LALM is never in the driver's process; ``pid`` lets a benchmark count its memory apart."""
+
+    def __init__(self, cfg: ServerConfig | None = None):
+        import multiprocessing
+        self.cfg, self._ctx = cfg or ServerConfig(), multiprocessing.get_context("spawn")
+        self._proc, self.url = None, ""
+
+    def __enter__(self) -> "ServerProcess":
+        urls = self._ctx.Queue()
+        self._proc = self._ctx.Process(target=_serve, args=(self.cfg, urls), daemon=True, name="standin-lalm")
+        self._proc.start()
+        self.url = urls.get(timeout=60)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def __exit__(self, *exc) -> None:
+        self._proc.terminate()
+        self._proc.join(10)
