@@ -138,7 +138,7 @@ def probe_transfer(source: str, target: str, bench_root: str) -> dict | None:
     choice = choose_fusion(tables["adapt"], tables["dev"], main_config().fusion, labels)
     model = load_model(inputs.source_checkpoint)
     splits = {}
-    for split, df in (("adapt", inputs.adapt_df), ("test", inputs.test_df)):
+    for split, df in (("adapt", inputs.adapt.to_pandas()), ("test", inputs.test_df)):
         t = tables[split][tables[split]["error"].isna()].reset_index(drop=True)
         fit = choice.fit if split == "adapt" else fit_table(t, C, choice.config, choice.fit.temperatures)
         fused = fusion_columns(t, C, choice.config, fit).set_index("clip_id")

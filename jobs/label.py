@@ -18,7 +18,7 @@ def run() -> None:
     from mifuse_ray.labeling import estimate_spend
     from mifuse_ray.pipeline import REPORT_PLOT_CLIPS, label_run
     inputs = prepare(cfg)
-    spend = estimate_spend(cfg, inputs.labelled_clips())
+    spend = estimate_spend(cfg, inputs.clip_totals())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return

@@ -35,7 +35,7 @@ def run() -> None:
         divert_native_logs(log_path)
     with stage("inputs", 3, 1):
         inputs = prepare(cfg, verbose=cfg.verbose)
-    with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers (once, for every trial)", 3, 2):
+    with stage(f"labelling {inputs.clip_totals()[0]} clips with both teachers (once, for every trial)", 3, 2):
         split_labels, _ = label_run(cfg, inputs, out)
     cfg.train.cpus_per_worker = min(cfg.train.cpus_per_worker, 0.5)
     print(f"[3/3] {args.num_samples} trial(s) of the search, {args.max_concurrent} at a time:", flush=True)

@@ -179,7 +179,11 @@ def list_inputs(source: str, split: str | None = None) -> pd.DataFrame:
         if not _is_uri(source) and not os.path.exists(source):
             raise FileNotFoundError(f"manifest not found: {source}")
         import pyarrow.parquet as pq
-        df = pq.read_table(source).to_pandas() if not _is_uri(source) else pd.read_parquet(source)
+        if _is_uri(source):
+            df = pd.read_parquet(source)
+        else:   # only the split's rows (a row filter): not a 10M-row manifest for a 400-clip dev split
+            split_column = split is not None and "split" in pq.read_schema(source).names
+            df = pq.read_table(source, filters=[("split", "==", split)] if split_column else None).to_pandas()
         missing = {"clip_id", "path"} - set(df.columns)
         if missing:
             raise ValueError(f"manifest {source} lacks columns {sorted(missing)}")

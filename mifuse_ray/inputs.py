@@ -14,26 +14,34 @@ import pandas as pd
 
 from .audio import list_inputs
 from .config import ConfigError, MiFuseConfig
+from .label_shards import ManifestSplit, scan_manifest
 
 log = logging.getLogger("mifuse_ray")
 
 
 @dataclasses.dataclass
 class Inputs:
+    """A run's inputs. ``adapt``: the adaptation split, as a ``ManifestSplit`` (its counts and digest;
+    the cluster reads the rows) for a Parquet manifest, as a frame for a folder of audio; the labelled
+    dev and test splits are frames (small)."""
+
     target: str
     source_checkpoint: str
-    adapt_df: pd.DataFrame
+    adapt: "pd.DataFrame | ManifestSplit"
     dev_df: pd.DataFrame | None
     test_df: pd.DataFrame | None
 
-    def splits(self) -> dict[str, pd.DataFrame]:
+    def splits(self) -> dict:
         """Every split the teachers label: the adaptation split, and the dev and test splits that exist."""
-        frames = {"adapt": self.adapt_df, "dev": self.dev_df, "test": self.test_df}
+        frames = {"adapt": self.adapt, "dev": self.dev_df, "test": self.test_df}
         return {split: df for split, df in frames.items() if df is not None and len(df)}
 
-    def labelled_clips(self) -> pd.DataFrame:
-        """The clips of every split at once: what the LALM will be asked about (spend, dry run)."""
-        return pd.concat(list(self.splits().values()), ignore_index=True)
+    def clip_totals(self) -> tuple[int, float]:
+        """(clips, mean seconds) over every split: what the LALM will be asked about (spend, dry run)."""
+        from .labeling import clip_totals
+        totals = [clip_totals(df) for df in self.splits().values()]
+        clips = sum(n for n, _ in totals)
+        return clips, sum(n * s for n, s in totals) / clips if clips else 0.0
 
 
 def demo_paths(cfg: MiFuseConfig) -> tuple[str, str]:
@@ -79,20 +87,19 @@ def resolve_inputs(cfg: MiFuseConfig) -> Inputs:
         if "labels" in meta:
             check_same_labels(meta["labels"], cfg.labels, what=f"{key} {path}")
     try:
-        adapt_df = list_inputs(target, split=cfg.adapt_split if target.endswith(".parquet") else None)
-    except FileNotFoundError as exc:
+        # a Parquet manifest stays on disk: the driver keeps its counts, the cluster reads its rows
+        adapt = scan_manifest(target, cfg.adapt_split) if target.endswith(".parquet") else list_inputs(target)
+    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    if adapt_df.empty:
+    if not len(adapt):
         raise ConfigError(f"no clips in {target} (split {cfg.adapt_split!r})")
     dev_df = test_df = None
-    if target.endswith(".parquet"):
-        full = pd.read_parquet(target, columns=None)
-        if "split" in full.columns and "label" in full.columns:
-            if (full["split"] == cfg.dev_split).any():
-                dev_df = labelled_split(target, cfg.dev_split, cfg.labels)
-            if (full["split"] == cfg.test_split).any():
-                test_df = labelled_split(target, cfg.test_split, cfg.labels)
-    return Inputs(target, checkpoint, adapt_df, dev_df, test_df)
+    if isinstance(adapt, ManifestSplit) and adapt.has_labels:
+        if cfg.dev_split in adapt.splits_present:
+            dev_df = labelled_split(target, cfg.dev_split, cfg.labels)
+        if cfg.test_split in adapt.splits_present:
+            test_df = labelled_split(target, cfg.test_split, cfg.labels)
+    return Inputs(target, checkpoint, adapt, dev_df, test_df)
 
 
 def check_output_writable(path: str) -> None:

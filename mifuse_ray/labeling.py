@@ -43,6 +43,11 @@ class LabelingResult:
 
 
 MAX_ATTEMPTS = 3    # passes over the slices still missing (a writer lost with its node leaves some behind)
+# slices per Ray Data execution. Ray Data keeps a statistics object per output block of every operator
+# until its Dataset finishes (ray-project/ray#66016), ~1.8 kB a clip in the driver here: one execution
+# over a 10M-clip split would hold ~18 GB of them. A wave of 32 slices (~32k clips) bounds that at ~60 MB,
+# for one actor-pool start-up and one pipeline drain per wave (a few seconds in ~4 minutes on 2 cores)
+WAVE_SHARDS = 32
 
 
 @contextlib.contextmanager
@@ -80,7 +85,7 @@ def label_target(cfg: MiFuseConfig, target, out_dir: str, source_checkpoint: str
     draws = LabelShards(os.path.join(out_dir, "draws"))
     slices = plan_shards(manifest, cfg.shard_rows)
     draws.prune({s.name for s in slices})
-    resumed = len(draws.done())
+    resumed, waves = len(draws.done()), 0
     writers: set[str] = set()
     with contextlib.ExitStack() as stack:
         if limiter is None:
@@ -93,9 +98,13 @@ def label_target(cfg: MiFuseConfig, target, out_dir: str, source_checkpoint: str
             if attempt > 1:
                 log.warning("%d shards missing after pass %d (a writer lost with its node?): labelling them again "
                             "from the response cache", len(todo), attempt - 1)
-            writers |= _label_slices(cfg, todo, split, draws.root, source_checkpoint, lalm_base_url, out_dir, limiter)
+            for first in range(0, len(todo), WAVE_SHARDS):
+                writers |= _label_slices(cfg, todo[first:first + WAVE_SHARDS], split, draws.root, source_checkpoint,
+                                         lalm_base_url, out_dir, limiter)
+                waves += 1
     _record_lost(draws, [s for s in slices if s.name not in draws.done()], split)
-    summary = {"shards": len(slices), "shards_resumed": resumed, "shard_writer_nodes": sorted(writers)}
+    summary = {"shards": len(slices), "shards_resumed": resumed, "shard_writer_nodes": sorted(writers),
+               "label_waves": waves}
     result = LabelingResult(os.path.join(out_dir, "labels.parquet"), summary, draws.root)
     if fuse:
         from .fused_shards import fuse_split
@@ -220,10 +229,12 @@ def write_parquet(df: pd.DataFrame, path: str) -> None:
 
 
 def clip_totals(clips) -> tuple[int, float]:
-    """(clips, mean seconds) of a manifest DataFrame, or a (clips, mean seconds) pair as it is (a
-    streamed manifest's row count from its Parquet metadata, with no duration known: 0)."""
+    """(clips, mean seconds) of a manifest DataFrame or ``ManifestSplit``, or a (clips, mean seconds)
+    pair as it is (a streamed manifest's row count from its Parquet metadata, with no duration known: 0)."""
     if isinstance(clips, tuple):
         return clips
+    if hasattr(clips, "mean_seconds"):          # a ``label_shards.ManifestSplit``: counted when it was scanned
+        return clips.clips, clips.mean_seconds
     seconds = float(clips["duration_s"].fillna(0).mean()) if "duration_s" in clips and len(clips) else 0.0
     return len(clips), seconds
 

@@ -23,6 +23,7 @@ from . import reuse
 from .config import MiFuseConfig, to_dict
 from .console import divert_native_logs, quiet_ray, stage
 from .inputs import Inputs, check_output_writable, prepare
+from .label_shards import ManifestSplit
 
 log = logging.getLogger("mifuse_ray")
 
@@ -50,7 +51,7 @@ def check_lalm(cfg: MiFuseConfig, base_url: str) -> None:
     asyncio.run(preflight(resolved, timeout_s=min(cfg.lalm.timeout_s, 15.0)))
 
 
-def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, base_url: str) -> str:
+def labeling_fingerprint(cfg: MiFuseConfig, df, checkpoint: str, base_url: str) -> str:
     """What makes stored labels reusable: the clips, the source checkpoint's bytes, and every
     result field of the LALM, source and audio settings (``config.result_fields``); not the fusion,
     which every run applies afresh to the stored draws."""
@@ -59,16 +60,19 @@ def labeling_fingerprint(cfg: MiFuseConfig, df: pd.DataFrame, checkpoint: str, b
     ckpt_files = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
     ckpt_hash = [file_sha256(os.path.join(checkpoint, f)) for f in ckpt_files]
     source = {k: v for k, v in result_fields(cfg.source).items() if k != "checkpoint"}   # hashed by content
-    payload = {"clips": sorted(df["clip_id"]), "paths": sorted(df["path"]), "ckpt": ckpt_hash,
+    # the clips: a streamed manifest split by its digest (its ids and paths, summed over its rows), a frame by its rows
+    clips = {"manifest_split": df.digest} if isinstance(df, ManifestSplit) else \
+        {"clips": sorted(df["clip_id"]), "paths": sorted(df["path"])}
+    payload = {**clips, "ckpt": ckpt_hash,
                "lalm": result_fields(cfg.lalm), "source": source, "audio": result_fields(cfg.audio),
                "endpoint": "offline" if cfg.lalm.preset == "offline" and not cfg.lalm.base_url else base_url,
                "labels": cfg.labels}
     return reuse.digest(payload)
 
 
-def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint: str, base_url: str,
+def label_or_reuse(cfg: MiFuseConfig, df, out_dir: str, checkpoint: str, base_url: str,
                    name: str = "labels", limiter: tuple[str, int] | None = None):
-    """The teachers' draws for ``df`` in ``<out_dir>/<name>/draws``: reused when nothing that changes
+    """The teachers' draws for ``df`` (a frame, or a ``ManifestSplit`` the cluster reads) in ``<out_dir>/<name>/draws``: reused when nothing that changes
     them has changed, resumed shard by shard after an interrupted run at the same settings, labelled
     afresh otherwise. Not fused: ``label_splits`` fuses every split with the run's own fusion."""
     from .labeling import LabelingResult, label_target
@@ -86,7 +90,8 @@ def label_or_reuse(cfg: MiFuseConfig, df: pd.DataFrame, out_dir: str, checkpoint
     reuse.stamp(stage_dir, fingerprint, complete=False)     # a crash from here on resumes these shards
     if cfg.lalm.cache_dir == "":
         cfg = dataclasses.replace(cfg, lalm=dataclasses.replace(cfg.lalm, cache_dir=os.path.join(out_dir, "lalm_cache")))
-    result = label_target(cfg, df, stage_dir, checkpoint, base_url, limiter, fuse=False)
+    target, split = (df.path, df.split) if isinstance(df, ManifestSplit) else (df, None)
+    result = label_target(cfg, target, stage_dir, checkpoint, base_url, limiter, split=split, fuse=False)
     reuse.stamp(stage_dir, fingerprint, complete=True)
     return result
 
@@ -104,7 +109,7 @@ def label_splits(cfg: MiFuseConfig, inputs: Inputs, out: str, base_url: str):
     Returns ({split: LabelingResult}, FusionChoice)."""
     from .fused_shards import fuse_split
     from .labeling import request_limiter
-    with request_limiter(cfg, inputs.labelled_clips()) as limiter:     # one cap for every split of the run
+    with request_limiter(cfg, inputs.clip_totals()) as limiter:     # one cap for every split of the run
         results = {split: label_or_reuse(cfg, df, out, inputs.source_checkpoint, base_url, LABEL_STAGES[split],
                                          limiter)
                    for split, df in inputs.splits().items()}
@@ -208,12 +213,12 @@ def adapt(cfg: MiFuseConfig) -> AdaptResult:
     with stage("inputs (the demo's data and source model are made on the first run)", 5, 1):
         inputs = prepare(cfg, verbose=cfg.verbose)
     times["prepare_inputs"] = time.time() - t0
-    spend = estimate_spend(cfg, inputs.labelled_clips())
+    spend = estimate_spend(cfg, inputs.clip_totals())
     if cfg.lalm.dry_run:
         print(json.dumps({"dry_run": spend}, indent=2))
         return AdaptResult(out, "", {"dry_run": spend}, times)
     t = time.time()
-    with stage(f"labelling {len(inputs.labelled_clips())} clips with both teachers, then fusion", 5, 2):
+    with stage(f"labelling {inputs.clip_totals()[0]} clips with both teachers, then fusion", 5, 2):
         split_labels, choice = label_run(cfg, inputs, out, spend)
     times["label"] = time.time() - t
     tables = split_tables(split_labels)

@@ -44,3 +44,17 @@ def test_a_duplicate_id_or_a_missing_column_is_found_before_labelling(tmp_path):
         scan_manifest(manifest(tmp_path, dup, "dup.parquet"), "adapt")
     with pytest.raises(ValueError, match=r"lacks columns \['path'\]"):
         scan_manifest(manifest(tmp_path, [{"clip_id": "x"}], "nopath.parquet"), None)
+
+
+def test_a_run_counts_and_prices_a_streamed_split_with_its_frames(tmp_path):
+    from mifuse_ray.config import MiFuseConfig
+    from mifuse_ray.inputs import Inputs
+    from mifuse_ray.labeling import estimate_spend
+    adapt = scan_manifest(manifest(tmp_path, rows(10)), "adapt")          # 6 clips, 1.5 s on average
+    test = pd.DataFrame(rows(10)).query("split == 'test'").reset_index(drop=True)      # 4 clips
+    inputs = Inputs("m.parquet", "ckpt", adapt, None, test)
+    clips, seconds = inputs.clip_totals()
+    assert clips == 10 and seconds == pytest.approx((6 * 1.5 + test["duration_s"].sum()) / 10)
+    spend = estimate_spend(MiFuseConfig(), inputs.clip_totals())
+    assert spend["clips"] == spend["clips_asked"] == 10
+    assert spend["audio_seconds_sent"] == pytest.approx(spend["requests"] * seconds)

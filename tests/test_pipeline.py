@@ -98,10 +98,13 @@ def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_roo
             assert plain(again.table[col]) == plain(table[col])
 
 
-def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_root, tmp_path):
+def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_root, tmp_path, monkeypatch):
     """Resume at shard granularity: finished shards stay as they are (same file), the rerun labels only
-    the slices whose shard is missing, from the response cache, and leaves no stray file behind."""
+    the slices whose shard is missing, from the response cache, and leaves no stray file behind. The
+    first run goes in two waves (separate Ray Data executions), which must not change a label."""
+    from mifuse_ray import labeling
     from mifuse_ray.labeling import label_target, summarize
+    monkeypatch.setattr(labeling, "WAVE_SHARDS", 4)
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(50)
     cfg = MiFuseConfig()
     cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.shard_rows = 2, 3, 8
@@ -113,6 +116,7 @@ def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_
         paid = server.stats["requests"]
         draws = sorted(first.draws.paths())
         assert len(draws) == 7 and first.summary["shards_resumed"] == 0      # 50 clips, 8 a shard
+        assert first.summary["label_waves"] == 2                              # 4 slices, then 3
         stamp = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in draws}
         for p in draws[1:3]:
             os.remove(p)                                       # as if the run died before writing these
@@ -122,6 +126,7 @@ def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_
         assert server.stats["requests"] == paid                 # nothing paid twice
     # kept shards keep their first run's counts; the two labelled again got every answer from the cache
     assert again.summary["shards_resumed"] == 5 and again.summary["lalm_cache_hits"] == 2 * 8 * 2
+    assert again.summary["label_waves"] == 1
     assert not os.path.exists(stray)
     for p in draws[:1] + draws[3:]:
         assert (os.stat(p).st_ino, os.stat(p).st_mtime_ns) == stamp[p], p    # kept, not rewritten
