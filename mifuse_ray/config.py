@@ -257,6 +257,11 @@ class MiFuseConfig:
     # clips per label shard (mifuse_ray/label_shards.py): the unit of resume, of the fusion map's tasks and of
     # what the shard writer holds; a rerun with another value labels again (from the LALM's response cache)
     shard_rows: int = not_a_result(1024)
+    # slices labelled per Ray Data execution. Ray Data keeps a statistics object per output block in the driver
+    # until its Dataset ends (ray-project/ray#66016, ~0.5 kB a clip measured): a wave bounds that, for one actor-pool
+    # start-up and pipeline drain (~10 s) per wave. 32 (~32k clips, ~4 min on 2 cores); on a big cluster, waves of
+    # a few minutes each: e.g. 256 when the LALM's rate limit allows ~500 clips/s
+    label_wave_shards: int = not_a_result(32)
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))   # the emotion classes, in order
     target: str = ""                    # manifest .parquet or folder or URI; empty: the demo target
     adapt_split: str = "adapt"          # the manifest's unlabelled split the student learns from
@@ -309,6 +314,7 @@ def validate(cfg: MiFuseConfig) -> None:
     checks = [(not errors, errors[0] if errors else "") for errors in [_literal_errors(cfg)]] + [
         (cfg.lalm.answers_per_clip >= 1, "lalm.answers_per_clip must be ≥ 1"),
         (cfg.shard_rows >= 1, "shard_rows must be ≥ 1 (clips per label shard)"),
+        (cfg.label_wave_shards >= 1, "label_wave_shards must be ≥ 1 (label shards per Ray Data execution)"),
         (cfg.lalm.temperature > 0, "lalm.temperature must be > 0 (identical answers measure nothing)"),
         (cfg.source.passes_per_clip >= 1, "source.passes_per_clip must be ≥ 1"),
         (0 <= cfg.fusion.lalm_answers_used <= cfg.lalm.answers_per_clip,

@@ -43,11 +43,6 @@ class LabelingResult:
 
 
 MAX_ATTEMPTS = 3    # passes over the slices still missing (a writer lost with its node leaves some behind)
-# slices per Ray Data execution. Ray Data keeps a statistics object per output block of every operator
-# until its Dataset finishes (ray-project/ray#66016), ~1.8 kB a clip in the driver here: one execution
-# over a 10M-clip split would hold ~18 GB of them. A wave of 32 slices (~32k clips) bounds that at ~60 MB,
-# for one actor-pool start-up and one pipeline drain per wave (a few seconds in ~4 minutes on 2 cores)
-WAVE_SHARDS = 32
 
 
 @contextlib.contextmanager
@@ -98,9 +93,9 @@ def label_target(cfg: MiFuseConfig, target, out_dir: str, source_checkpoint: str
             if attempt > 1:
                 log.warning("%d shards missing after pass %d (a writer lost with its node?): labelling them again "
                             "from the response cache", len(todo), attempt - 1)
-            for first in range(0, len(todo), WAVE_SHARDS):
-                writers |= _label_slices(cfg, todo[first:first + WAVE_SHARDS], split, draws.root, source_checkpoint,
-                                         lalm_base_url, out_dir, limiter)
+            for first in range(0, len(todo), cfg.label_wave_shards):      # one Ray Data execution a wave
+                writers |= _label_slices(cfg, todo[first:first + cfg.label_wave_shards], split, draws.root,
+                                         source_checkpoint, lalm_base_url, out_dir, limiter)
                 waves += 1
     _record_lost(draws, [s for s in slices if s.name not in draws.done()], split)
     summary = {"shards": len(slices), "shards_resumed": resumed, "shard_writer_nodes": sorted(writers),

@@ -98,16 +98,14 @@ def test_label_target_writes_every_clip_once(ray_cluster, source_model, demo_roo
             assert plain(again.table[col]) == plain(table[col])
 
 
-def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_root, tmp_path, monkeypatch):
+def test_a_rerun_writes_only_the_missing_shards(ray_cluster, source_model, demo_root, tmp_path):
     """Resume at shard granularity: finished shards stay as they are (same file), the rerun labels only
     the slices whose shard is missing, from the response cache, and leaves no stray file behind. The
     first run goes in two waves (separate Ray Data executions), which must not change a label."""
-    from mifuse_ray import labeling
     from mifuse_ray.labeling import label_target, summarize
-    monkeypatch.setattr(labeling, "WAVE_SHARDS", 4)
     df = list_inputs(os.path.join(demo_root, "podcast", "manifest.parquet"), split="adapt").head(50)
     cfg = MiFuseConfig()
-    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.shard_rows = 2, 3, 8
+    cfg.lalm.answers_per_clip, cfg.source.passes_per_clip, cfg.shard_rows, cfg.label_wave_shards = 2, 3, 8, 4
     cfg.lalm.cache_dir = str(tmp_path / "cache")
     out = str(tmp_path / "out")
     with BackgroundServer(ServerConfig()) as server:
