@@ -259,7 +259,7 @@ class MiFuseConfig:
     shard_rows: int = not_a_result(1024)
     # slices labelled per Ray Data execution. Ray Data keeps a statistics object per output block in the driver
     # until its Dataset ends (ray-project/ray#66016, ~0.5 kB a clip measured): a wave bounds that, for one actor-pool
-    # start-up and pipeline drain (~10 s) per wave. 32 (~32k clips, ~4 min on 2 cores); on a big cluster, waves of
+    # start-up and pipeline drain (~10-20 s) per wave. 32 (~32k clips, ~4 min on 2 cores); on a big cluster, waves of
     # a few minutes each: e.g. 256 when the LALM's rate limit allows ~500 clips/s
     label_wave_shards: int = not_a_result(32)
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))   # the emotion classes, in order

@@ -110,14 +110,19 @@ def plan_shards(manifest: str, rows_per_shard: int = SHARD_ROWS) -> list[Slice]:
     return out
 
 
+def require_manifest_columns(names, path: str) -> None:
+    """The columns every manifest needs, checked where it is read (its schema, or a slice's rows)."""
+    missing = {"clip_id", "path"} - set(names)
+    if missing:
+        raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
+
+
 def read_slice(s: Slice, split: str | None = None) -> pd.DataFrame:
     """A slice's manifest rows (relative paths made absolute, the split kept), as ``list_inputs`` would give them."""
     import pyarrow.parquet as pq
     fs, where = _fs(s.file)
     df = pq.ParquetFile(where, filesystem=fs).read_row_group(s.row_group).slice(s.start, s.stop - s.start).to_pandas()
-    missing = {"clip_id", "path"} - set(df.columns)
-    if missing:
-        raise ValueError(f"manifest {s.file} lacks columns {sorted(missing)}")
+    require_manifest_columns(df.columns, s.file)
     if "://" not in s.file:
         base = os.path.dirname(s.file)
         df["path"] = [p if os.path.isabs(p) or "://" in p else os.path.join(base, p) for p in df["path"]]
@@ -163,8 +168,7 @@ def scan_manifest(manifest: str, split: str | None) -> ManifestSplit:
         fs, where = _fs(path)
         file = pq.ParquetFile(where, filesystem=fs)
         names = set(file.schema_arrow.names)
-        if {"clip_id", "path"} - names:
-            raise ValueError(f"manifest {path} lacks columns {sorted({'clip_id', 'path'} - names)}")
+        require_manifest_columns(names, path)
         columns = ["clip_id", "path", *(c for c in ("split", "duration_s") if c in names)]
         has_labels |= "label" in names
         for rg in range(file.metadata.num_row_groups):
