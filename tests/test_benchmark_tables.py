@@ -298,3 +298,34 @@ def test_the_paper_scale_differences_are_paired_on_the_same_clips():
                          "adapted - lalm_labels_student"}
     assert rows["adapted - fused_label"]["ci_lo"] > 0 and rows["adapted - fused_label"]["diff"] == pytest.approx(0.5)
     assert rows["adapted - source_only"]["diff"] == 0 == rows["adapted - source_only"]["ci_lo"]
+
+
+def test_speaker_features_centres_each_speaker_and_chooses_on_dev(tmp_path):
+    """Speakers whose trunk output carries a large offset of their own: centring each speaker removes it
+    (the speaker means become the adaptation mean), the arms are scored on dev and test, and the choice
+    is the dev winner."""
+    import numpy as np
+    from benchmarks.speaker_features import ARMS, centred, main
+    rng = np.random.default_rng(0)
+    labels = ["neutral", "happy", "angry", "sad"]
+    cell = tmp_path / "a__b_paper" / "seed0" / "tag"
+    for split, speakers in (("labels", 8), ("labels_dev", 4), ("labels_test", 4)):
+        y = rng.integers(0, 4, speakers * 40)
+        spk = np.repeat([f"{split}{i}" for i in range(speakers)], 40)
+        offset = np.repeat(rng.normal(0, 4, (speakers, 8)), 40, axis=0)
+        x = np.eye(4, 8)[y] * 2 + offset + rng.normal(0, 0.5, (len(y), 8))
+        q = np.full((len(y), 4), 0.1) + 0.6 * np.eye(4)[y]
+        (cell / split).mkdir(parents=True)
+        pd.DataFrame({"trunk_features": list(x.astype(np.float32)), "speaker_id": spk, "label": [labels[i] for i in y],
+                      "oracle_label": [labels[i] for i in y], "q": list(q)}).to_parquet(cell / split / "labels.parquet")
+    x = np.arange(12.0).reshape(6, 2)
+    moved = centred(x, np.array(list("aabbbc")), np.array([1.0, -1.0]))
+    for s in "abc":
+        np.testing.assert_allclose(moved[np.array(list("aabbbc")) == s].mean(0), [1.0, -1.0])
+    main(["--cells", str(tmp_path / "*_paper" / "seed0" / "*"), "--seeds", "0", "--out", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "speaker_features.csv")
+    assert list(table.arm) == ARMS and list(table.transfer.unique()) == ["a→b"]
+    by_arm = table.set_index("arm")
+    assert by_arm.loc["centred_features", "dev_uar"] > by_arm.loc["per_clip", "dev_uar"] + 0.2   # the offset is gone
+    best = by_arm["dev_uar"].idxmax()
+    assert f"Chosen on dev: **{best}**" in (tmp_path / "out" / "speaker_features.md").read_text()
