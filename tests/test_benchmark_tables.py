@@ -169,6 +169,33 @@ def test_the_paper_scale_record_names_what_ships_and_keeps_earlier_cells(tmp_pat
     assert (tmp_path / "paper_scale__augmentFalse.csv").exists() and len(pd.read_csv(tmp_path / "paper_scale.csv")) == len(table)
 
 
+def test_the_paper_scale_record_keeps_each_students_dev_score_and_ranks_on_it(tmp_path):
+    """Dev rows come from the run's selection (the EMA's score where the EMA ships), the fused label's from
+    the same dev half; the ranking is by dev, whatever test says, and a dev row never replaces a test row."""
+    from benchmarks.paper_scale import dev_ranking, long_rows, write_record
+
+    def m(uar):
+        return {"uar": uar, "wa": uar, "uar_ci95": [uar - 0.03, uar + 0.03]}
+    rows = []
+    for seed, (dev_a, dev_b) in enumerate([(0.60, 0.55), (0.62, 0.50)]):
+        results = {"labeling": {"clips": 2400},
+                   "test": {"mifuse_student": m(0.5), "mifuse_ema": m(0.58), "fused_label": m(0.6),
+                            "no_ema_student": m(0.62)},
+                   "selection": {"mifuse": {"dev_uar": 0.1, "ema_dev_uar": dev_a, "fused_label_dev_uar": 0.64},
+                                 "no_ema": {"dev_uar": dev_b, "ema_dev_uar": None}}}
+        rows += long_rows(results, "a→b", seed, ["no_ema"])
+    dev = {(r["system"], r["seed"]): r["uar"] for r in rows if r["split"] == "dev"}
+    assert dev == {("adapted", 0): 0.60, ("fused_label", 0): 0.64, ("no_ema_student", 0): 0.55,
+                   ("adapted", 1): 0.62, ("fused_label", 1): 0.64, ("no_ema_student", 1): 0.50}
+    table = write_record(rows, str(tmp_path))
+    assert len(table[(table.system == "adapted") & (table.split == "test")]) == 2
+    ranked = dev_ranking(table)
+    students = ranked[ranked.system != "fused_label"]
+    assert list(students.system) == ["adapted", "no_ema_student"]       # ranked by dev though test says otherwise
+    assert students.iloc[0].dev == pytest.approx(0.61) and students.iloc[0].test == pytest.approx(0.58)
+    assert students.iloc[0].cells == 2
+
+
 def test_the_ways_are_compared_cell_by_cell_on_the_cells_every_way_finished():
     from benchmarks.stored_trunk import VARIANTS, comparison_table
     rows = []
