@@ -14,8 +14,10 @@ the shipped recipe and ``--curve-baselines`` on ``<target>_paper_adapt<N>`` for 
 cell (it is part of the cells' folder names, so cells at other settings are kept apart).
 
 Writes ``paper_scale.csv`` (``system,transfer,seed,n_adapt,split,uar,uar_ci_lo,uar_ci_hi,wa``, one row per
-system, transfer, seed and adaptation size; speaker-normalised scores as ``<system>_by_speaker``) from
-whatever cells are finished, after every cell.
+system, transfer, seed, adaptation size and split: ``test`` for every system, speaker-normalised scores as
+``<system>_by_speaker``; ``dev`` for each student and the fused label, on the dev half that monitors the
+students) from whatever cells are finished, after every cell, and ``paper_scale_dev_ranking.md``: the
+students ranked on dev, the recipe to ship chosen there.
 """
 from __future__ import annotations
 
