@@ -14,8 +14,10 @@ the shipped recipe and ``--curve-baselines`` on ``<target>_paper_adapt<N>`` for 
 cell (it is part of the cells' folder names, so cells at other settings are kept apart).
 
 Writes ``paper_scale.csv`` (``system,transfer,seed,n_adapt,split,uar,uar_ci_lo,uar_ci_hi,wa``, one row per
-system, transfer, seed and adaptation size; speaker-normalised scores as ``<system>_by_speaker``) from
-whatever cells are finished, after every cell.
+system, transfer, seed, adaptation size and split: ``test`` for every system, speaker-normalised scores as
+``<system>_by_speaker``; ``dev`` for each student and the fused label, on the dev half that monitors the
+students) from whatever cells are finished, after every cell, and ``paper_scale_dev_ranking.md``: the
+students ranked on dev, the recipe to ship chosen there.
 """
 from __future__ import annotations
 
@@ -62,7 +64,34 @@ def long_rows(results: dict, transfer: str, seed: int, baselines) -> list[dict]:
             lo, hi = m.get("uar_ci95", [float("nan")] * 2)
             rows.append({"system": name + suffix, "transfer": transfer, "seed": seed, "n_adapt": n_adapt,
                          "split": "test", "uar": m["uar"], "uar_ci_lo": lo, "uar_ci_hi": hi, "wa": m["wa"]})
-    return rows
+    return rows + dev_rows(results, transfer, seed, n_adapt, baselines)
+
+
+def dev_rows(results: dict, transfer: str, seed: int, n_adapt: int, baselines) -> list[dict]:
+    """Each student's final model, and the fused label, on the dev half that monitors the students
+    (``results['selection']``): the split on which the recipe to ship is chosen (``dev_ranking``).
+    No CI: the run keeps the dev half's score, not its predictions."""
+    rows, selection = [], results.get("selection", {})
+    for name, key in shipped_systems(results.get("test", {}), baselines).items():
+        run, _, final = key.rpartition("_")            # mifuse_ema -> the mifuse run's EMA
+        got = selection.get(run)
+        if got is None or not (name == "adapted" or name.endswith("_student")):
+            continue
+        rows.append({"system": name, "uar": got.get("ema_dev_uar" if final == "ema" else "dev_uar")})
+        if name == "adapted":
+            rows.append({"system": "fused_label", "uar": got.get("fused_label_dev_uar")})
+    nan = float("nan")
+    return [dict(r, transfer=transfer, seed=seed, n_adapt=n_adapt, split="dev", uar_ci_lo=nan, uar_ci_hi=nan, wa=nan)
+            for r in rows if r["uar"] is not None]
+
+
+def dev_ranking(table: pd.DataFrame) -> pd.DataFrame:
+    """Per system, the mean dev and test UAR over the (transfer, seed) cells where it has both, ranked by
+    dev: the first student is the recipe this tier would ship, chosen without looking at test."""
+    both = table[table.split.isin(["dev", "test"]) & ~table.system.str.endswith(BY_SPEAKER)]
+    wide = both.pivot_table(index=["system", "transfer", "seed", "n_adapt"], columns="split", values="uar").dropna()
+    ranked = wide.groupby("system").agg(dev=("dev", "mean"), test=("test", "mean"), cells=("dev", "size"))
+    return ranked.sort_values("dev", ascending=False).reset_index()
 
 
 DIFFERENCE_COLUMNS = ["comparison", "transfer", "seed", "n_adapt", "diff", "ci_lo", "ci_hi"]
@@ -98,7 +127,7 @@ def record_name(settings=(), stem: str = "paper_scale") -> str:
 def write_record(rows: list[dict], out: str, settings=()) -> pd.DataFrame:
     """The committed record with ``rows`` added: a row of a cell run again replaces its old one, and
     rows of cells this invocation did not run (another seed, the curve) stay."""
-    return merge_record(os.path.join(out, record_name(settings)), rows, COLUMNS, ["system", "transfer", "seed", "n_adapt"])
+    return merge_record(os.path.join(out, record_name(settings)), rows, COLUMNS, ["system", "transfer", "seed", "n_adapt", "split"])
 
 
 def parse_settings(items) -> tuple:
@@ -141,7 +170,22 @@ def main(argv=None) -> None:
         table = write_record(rows, args.out, settings)
         merge_record(os.path.join(args.out, record_name(settings, "paper_scale_differences")),
                      differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
+        write_ranking(table, args.out, settings)
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
+
+
+def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:
+    """``<record>_dev_ranking.md``: ``dev_ranking`` of the systems of the paper-scale cells (the learning curve's
+    smaller adaptation sets left out)."""
+    from mifuse_ray.report import markdown_table
+    full = table[table.n_adapt == table.n_adapt.max()]
+    name = record_name(settings).replace(".csv", "_dev_ranking.md")
+    text = (f"# Students ranked on dev (`{record_name(settings)}`)\n\nMean UAR over the cells with both a dev and a test "
+            "score; dev is the half of the dev split that monitors the students (200 clips a cell at paper scale), "
+            "test is scored once per finished configuration. The order is the dev order.\n\n"
+            + markdown_table(dev_ranking(full).round(3)) + "\n")
+    with open(os.path.join(out, name), "w") as fh:
+        fh.write(text)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import MiFuseConfig
 from .models.base import TRUNK_FEATURES, read_meta
@@ -17,9 +18,29 @@ class PredictorStage(SourceTeacherStage):
     callable on a pandas batch of decoded clips (``clip_id``, ``audio``, ``error``) where no Ray is wanted."""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = super().__call__(batch)
+        return self.prediction_rows(self.with_trunk_output(batch))
+
+    def with_trunk_output(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """The source stage's row: the deterministic distribution, and the trunk's output where the model stores it."""
+        return super().__call__(batch)
+
+    def on_trunk_output(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Predictions from rows that already carry this model's trunk output (``TRUNK_FEATURES``, from
+        ``with_trunk_output`` of a model with the same trunk): the head alone, no audio."""
+        ok = [v is not None for v in rows[TRUNK_FEATURES]]
+        dists = [None] * len(rows)
+        if any(ok):
+            pooled = torch.tensor(np.stack([v for v, good in zip(rows[TRUNK_FEATURES], ok) if good]), dtype=torch.float32)
+            with torch.no_grad():
+                logits = self.model.head(self.model.features_from_pooled(pooled.to(self.device)))
+            got = iter(torch.softmax(logits.float(), -1).cpu().numpy().tolist())
+            dists = [next(got) if good else None for good in ok]
+        return self.prediction_rows(rows.assign(source_det=dists))
+
+    def prediction_rows(self, out: pd.DataFrame) -> pd.DataFrame:
         labels = self.model.labels
         probs = [np.asarray(p) if p is not None else None for p in out["source_det"]]
+        out = out.copy()
         out["probs"] = [p.tolist() if p is not None else None for p in probs]
         out["pred"] = [labels[int(p.argmax())] if p is not None else None for p in probs]
         out["confidence"] = [float(p.max()) if p is not None else np.nan for p in probs]
@@ -27,18 +48,67 @@ class PredictorStage(SourceTeacherStage):
                                  "audio"], errors="ignore")
 
 
+def trunk_state(model) -> dict:
+    """The model's parameters and buffers outside its head layers: what decides its trunk's output."""
+    head = {id(t) for layer in model.head_layers() for t in (*layer.parameters(), *layer.buffers())}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in head}
+
+
+_CONFIG_RECORDS = {"transformers_version", "architectures", "dtype", "torch_dtype"}   # written on save, not used in compute
+
+
+def _architecture(model):
+    """What besides the weights shapes the model's output (a CNN's settings; a transformers model's config,
+    less where it was loaded from)."""
+    try:
+        return model.arch_config()
+    except NotImplementedError:
+        config = getattr(getattr(model, "model", None), "config", None)
+        if config is None:
+            return None
+        return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_RECORDS}
+
+
+def same_trunk(a, b) -> bool:
+    """Whether two models compute the same trunk output: same architecture, trunk weights equal."""
+    if not (a.stores_trunk and b.stores_trunk) or type(a) is not type(b) or _architecture(a) != _architecture(b):
+        return False
+    sa, sb = trunk_state(a), trunk_state(b)
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def trunk_groups(models: dict) -> list[list[str]]:
+    """Model names grouped by identical trunk, the first of each group the one whose trunk runs."""
+    groups: list[list[str]] = []
+    for name, model in models.items():
+        home = next((g for g in groups if same_trunk(models[g[0]], model)), None)
+        if home is None:
+            groups.append([name])
+        else:
+            home.append(name)
+    return groups
+
+
 class ModelsStage:
     """Several checkpoints over each batch in one actor, one row per (clip, model) with the model's name
     in ``model``. Why: an actor pool costs seconds to start (a process, torch, the checkpoint), so a run
     that scores its source model, each student and each EMA on the test split does it in one pass over
-    the audio and one pool rather than one per model."""
+    the audio and one pool rather than one per model. Models with the same trunk (every head-only
+    student, its EMA and the source model it started from) share one trunk pass: with a Whisper
+    encoder the trunk is nearly all of the cost, so ten such models cost about one."""
 
     def __init__(self, checkpoints: dict[str, str], amp: bool = False):
         self.stages = {name: PredictorStage(checkpoint=path, passes_per_clip=0, amp=amp)
                        for name, path in checkpoints.items()}
+        self.groups = trunk_groups({name: stage.model for name, stage in self.stages.items()})
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.concat([stage(batch).assign(model=name) for name, stage in self.stages.items()], ignore_index=True)
+        out = []
+        for first, *rest in self.groups:
+            rows = self.stages[first].with_trunk_output(batch)
+            out.append(self.stages[first].prediction_rows(rows).assign(model=first))
+            out += [self.stages[name].on_trunk_output(rows).assign(model=name) for name in rest]
+        return pd.concat(out, ignore_index=True)
 
 
 def predict_models(ds, model_dirs: dict[str, str], cfg: MiFuseConfig, models_per_pass: int = 8) -> dict[str, pd.DataFrame]:

@@ -169,6 +169,33 @@ def test_the_paper_scale_record_names_what_ships_and_keeps_earlier_cells(tmp_pat
     assert (tmp_path / "paper_scale__augmentFalse.csv").exists() and len(pd.read_csv(tmp_path / "paper_scale.csv")) == len(table)
 
 
+def test_the_paper_scale_record_keeps_each_students_dev_score_and_ranks_on_it(tmp_path):
+    """Dev rows come from the run's selection (the EMA's score where the EMA ships), the fused label's from
+    the same dev half; the ranking is by dev, whatever test says, and a dev row never replaces a test row."""
+    from benchmarks.paper_scale import dev_ranking, long_rows, write_record
+
+    def m(uar):
+        return {"uar": uar, "wa": uar, "uar_ci95": [uar - 0.03, uar + 0.03]}
+    rows = []
+    for seed, (dev_a, dev_b) in enumerate([(0.60, 0.55), (0.62, 0.50)]):
+        results = {"labeling": {"clips": 2400},
+                   "test": {"mifuse_student": m(0.5), "mifuse_ema": m(0.58), "fused_label": m(0.6),
+                            "no_ema_student": m(0.62)},
+                   "selection": {"mifuse": {"dev_uar": 0.1, "ema_dev_uar": dev_a, "fused_label_dev_uar": 0.64},
+                                 "no_ema": {"dev_uar": dev_b, "ema_dev_uar": None}}}
+        rows += long_rows(results, "a→b", seed, ["no_ema"])
+    dev = {(r["system"], r["seed"]): r["uar"] for r in rows if r["split"] == "dev"}
+    assert dev == {("adapted", 0): 0.60, ("fused_label", 0): 0.64, ("no_ema_student", 0): 0.55,
+                   ("adapted", 1): 0.62, ("fused_label", 1): 0.64, ("no_ema_student", 1): 0.50}
+    table = write_record(rows, str(tmp_path))
+    assert len(table[(table.system == "adapted") & (table.split == "test")]) == 2
+    ranked = dev_ranking(table)
+    students = ranked[ranked.system != "fused_label"]
+    assert list(students.system) == ["adapted", "no_ema_student"]       # ranked by dev though test says otherwise
+    assert students.iloc[0].dev == pytest.approx(0.61) and students.iloc[0].test == pytest.approx(0.58)
+    assert students.iloc[0].cells == 2
+
+
 def test_the_ways_are_compared_cell_by_cell_on_the_cells_every_way_finished():
     from benchmarks.stored_trunk import VARIANTS, comparison_table
     rows = []
@@ -298,3 +325,34 @@ def test_the_paper_scale_differences_are_paired_on_the_same_clips():
                          "adapted - lalm_labels_student"}
     assert rows["adapted - fused_label"]["ci_lo"] > 0 and rows["adapted - fused_label"]["diff"] == pytest.approx(0.5)
     assert rows["adapted - source_only"]["diff"] == 0 == rows["adapted - source_only"]["ci_lo"]
+
+
+def test_speaker_features_centres_each_speaker_and_chooses_on_dev(tmp_path):
+    """Speakers whose trunk output carries a large offset of their own: centring each speaker removes it
+    (the speaker means become the adaptation mean), the arms are scored on dev and test, and the choice
+    is the dev winner."""
+    import numpy as np
+    from benchmarks.speaker_features import ARMS, centred, main
+    rng = np.random.default_rng(0)
+    labels = ["neutral", "happy", "angry", "sad"]
+    cell = tmp_path / "a__b_paper" / "seed0" / "tag"
+    for split, speakers in (("labels", 8), ("labels_dev", 4), ("labels_test", 4)):
+        y = rng.integers(0, 4, speakers * 40)
+        spk = np.repeat([f"{split}{i}" for i in range(speakers)], 40)
+        offset = np.repeat(rng.normal(0, 4, (speakers, 8)), 40, axis=0)
+        x = np.eye(4, 8)[y] * 2 + offset + rng.normal(0, 0.5, (len(y), 8))
+        q = np.full((len(y), 4), 0.1) + 0.6 * np.eye(4)[y]
+        (cell / split).mkdir(parents=True)
+        pd.DataFrame({"trunk_features": list(x.astype(np.float32)), "speaker_id": spk, "label": [labels[i] for i in y],
+                      "oracle_label": [labels[i] for i in y], "q": list(q)}).to_parquet(cell / split / "labels.parquet")
+    x = np.arange(12.0).reshape(6, 2)
+    moved = centred(x, np.array(list("aabbbc")), np.array([1.0, -1.0]))
+    for s in "abc":
+        np.testing.assert_allclose(moved[np.array(list("aabbbc")) == s].mean(0), [1.0, -1.0])
+    main(["--cells", str(tmp_path / "*_paper" / "seed0" / "*"), "--seeds", "0", "--out", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "speaker_features.csv")
+    assert list(table.arm) == ARMS and list(table.transfer.unique()) == ["a→b"]
+    by_arm = table.set_index("arm")
+    assert by_arm.loc["centred_features", "dev_uar"] > by_arm.loc["per_clip", "dev_uar"] + 0.2   # the offset is gone
+    best = by_arm["dev_uar"].idxmax()
+    assert f"Chosen on dev: **{best}**" in (tmp_path / "out" / "speaker_features.md").read_text()

@@ -97,6 +97,44 @@ def test_models_stage_gives_each_model_what_it_gives_alone(tmp_path):
     assert np.abs(a - b).max() > 1e-3                                  # two different models, not one twice
 
 
+def test_models_with_one_trunk_share_its_pass_and_predict_as_alone(tmp_path, monkeypatch):
+    """A head-only student keeps its source model's trunk, so the evaluation's ``ModelsStage`` runs that
+    trunk once for both and gives each model what it gives alone; a model whose trunk differs (another
+    seed) runs its own."""
+    import pandas as pd
+    from mifuse_ray.predict import ModelsStage, PredictorStage
+    torch.manual_seed(0)
+    source = LogMelCNN()
+    source.save(str(tmp_path / "source"))
+    with torch.no_grad():
+        for p in source.head_module().parameters():
+            p.add_(0.5 * torch.randn_like(p))         # a student that learnt its head only
+    source.save(str(tmp_path / "student"))
+    torch.manual_seed(1)
+    LogMelCNN().save(str(tmp_path / "other"))
+    paths = {name: str(tmp_path / name) for name in ("source", "student", "other")}
+    stage = ModelsStage(paths)
+    assert stage.groups == [["source", "student"], ["other"]]
+    calls = []
+    trunk = LogMelCNN.trunk
+    monkeypatch.setattr(LogMelCNN, "trunk", lambda self, *a: calls.append(1) or trunk(self, *a))
+    rng = np.random.default_rng(0)
+    clips = pd.DataFrame({"clip_id": ["w", "x", "y"], "error": [None, "decode_failed", None],
+                          "audio": [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 0, 2)]})
+    together = stage(clips)
+    assert len(calls) == 2 * 2                     # two trunks, each over the clips' two padded lengths
+    monkeypatch.setattr(LogMelCNN, "trunk", trunk)
+    for name, path in paths.items():
+        alone = PredictorStage(checkpoint=path, passes_per_clip=0, amp=False)(clips)
+        mine = together[together["model"] == name].drop(columns="model").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine.drop(columns=["probs", "confidence"]), alone.drop(columns=["probs", "confidence"]))
+        ok = alone["error"].isna()
+        np.testing.assert_allclose(np.stack(mine.probs[ok]), np.stack(alone.probs[ok]), atol=1e-6)
+        assert mine.probs[~ok].isna().all()
+    s, t = (np.stack(together.loc[(together.model == m) & together.error.isna(), "probs"].to_list()) for m in ("source", "student"))
+    assert np.abs(s - t).max() > 1e-3                                  # the student's own head, not the source's
+
+
 def test_cnn_checkpoint_is_self_describing(tmp_path):
     model = LogMelCNN(labels=["calm", "joy", "rage"])
     model.save(str(tmp_path / "c"))

@@ -107,6 +107,14 @@ def test_the_stored_pooled_vector_feeds_the_head_it_came_from(tmp_path):
     assert isinstance(again, WhisperSER) and again.labels == LABELS and again.head_dropout.p == 0.3
     with torch.no_grad():
         torch.testing.assert_close(again(wav, lengths), direct)
+    from mifuse_ray.predict import trunk_groups           # the evaluation runs a shared encoder once
+    student = _tiny_whisper()
+    with torch.no_grad():
+        student.model.classifier.weight.add_(1.0)
+    other = _tiny_whisper()
+    with torch.no_grad():
+        next(other.model.encoder.parameters()).add_(1.0)
+    assert trunk_groups({"source": again, "student": student, "other": other}) == [["source", "student"], ["other"]]
 
 
 def test_head_mc_dropout_samples_only_the_pooled_vector():
