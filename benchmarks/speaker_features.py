@@ -35,10 +35,11 @@ ARMS = ["per_clip", "balanced_outputs", "centred_features", "centred_and_balance
 
 def read_split(cell: str, split: str, labels: list[str]) -> dict:
     """A split's stored trunk output, true class, speaker and (adaptation only) fused label."""
+    from mifuse_ray.models.base import TRUNK_FEATURES
     table = pd.read_parquet(os.path.join(cell, split, "labels.parquet"))
-    table = table[table["trunk_features"].notna()]
+    table = table[table[TRUNK_FEATURES].notna()]
     truth = "oracle_label" if split == "labels" else "label"
-    return {"x": np.stack(table["trunk_features"].to_numpy()).astype(np.float32),
+    return {"x": np.stack(table[TRUNK_FEATURES].to_numpy()).astype(np.float32),
             "y": table[truth].map(labels.index).to_numpy(),
             "speaker": table["speaker_id"].astype(str).to_numpy(),
             "q": np.stack(table["q"].to_numpy()).astype(np.float32) if split == "labels" else None}
