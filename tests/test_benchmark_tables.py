@@ -61,6 +61,28 @@ def test_a_cell_takes_its_labels_from_a_finished_main_cell_of_its_transfer(tmp_p
     assert _labelled_main_cell(str(tmp_path), "b", "a", 2) is None
 
 
+def test_a_cell_takes_its_labels_from_a_cell_labelled_at_its_settings_first(tmp_path):
+    """A variant of a non-main setting (another encoder) takes the labels of the cell made at that
+    setting, whose draws it can reuse, not the main cell's; without one, the main cell's as before."""
+    import json
+
+    from benchmarks.transfers import _labelled_main_cell
+    from mifuse_ray.config import MiFuseConfig, result_fields
+    main, other = MiFuseConfig(), MiFuseConfig()
+    other.source.mc_scope = "head" if main.source.mc_scope != "head" else "full"
+    for tag, cfg in (("main", main), ("other_scope", other)):
+        cell = tmp_path / "a__b" / "seed0" / tag
+        cell.mkdir(parents=True)
+        (cell / "results.json").write_text("{}")
+        (cell / "run.json").write_text(json.dumps({"config": {s: result_fields(getattr(cfg, s)) for s in
+                                                              ("audio", "lalm", "source", "source_train")}}, default=str))
+    variant = MiFuseConfig()
+    variant.source.mc_scope, variant.train.epochs = other.source.mc_scope, 3     # train.*: not what the draws depend on
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 1, variant) == str(tmp_path / "a__b" / "seed0" / "other_scope")
+    variant.lalm.seed += 1                                          # no cell has these draws: the main cell's
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 1, variant) == str(tmp_path / "a__b" / "seed0" / "main")
+
+
 def test_each_ablation_is_compared_with_the_main_setting_on_its_own_cells():
     from benchmarks.transfers import ablation_table
     rows = [("a→b", 0, "mifuse_ema", 0.60), ("b→a", 0, "mifuse_ema", 0.40)]
