@@ -170,6 +170,8 @@ def summary_text(table: pd.DataFrame) -> str:
     wide = table.pivot_table(index=["targets", "arm"], columns="transfer", values="dev_uar", sort=False)
     return (f"Average over the cells (dev: {table.dev_clips.iloc[0]} clips per cell; test: "
             f"{table.test_clips.iloc[0]}):\n\n" + markdown_table(average.round(3)) + "\n\n" + "\n".join(lines)
+            + "\n\nThe fused label's dev score is not a fair mark: its teacher weights were fitted on the first dev half "
+            "(`fusion.weighting dev`). Its test score is, and it is the one the choices are compared with."
             + "\n\nDev UAR by transfer:\n\n" + markdown_table(wide.round(3).reset_index()) + "\n")
 
 
