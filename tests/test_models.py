@@ -173,3 +173,58 @@ def test_lora_student_saves_only_the_adapter_and_round_trips_exactly(tiny_hf_dir
     with torch.no_grad():
         torch.testing.assert_close(again(wav, lengths), want, rtol=0, atol=0)     # exact
         assert not torch.equal(load_model(tiny_hf_dir)(wav, lengths), want)         # and not the base model
+
+
+def test_models_on_the_stored_trunk_output_run_no_trunk_and_predict_as_alone(tmp_path, monkeypatch):
+    """Rows that carry the source model's trunk output as labelling stored it: the models with that
+    trunk run their heads on it (no trunk pass), a model with another trunk still runs its own, and
+    each predicts what it predicts alone from the audio."""
+    import pandas as pd
+    from mifuse_ray.models.base import TRUNK_FEATURES
+    from mifuse_ray.predict import ModelsStage, PredictorStage
+    torch.manual_seed(0)
+    source = LogMelCNN()
+    source.save(str(tmp_path / "source"))
+    with torch.no_grad():
+        for p in source.head_module().parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    source.save(str(tmp_path / "student"))
+    torch.manual_seed(1)
+    LogMelCNN().save(str(tmp_path / "other"))
+    paths = {name: str(tmp_path / name) for name in ("student", "other")}      # the source itself not among them
+    rng = np.random.default_rng(0)
+    clips = pd.DataFrame({"clip_id": ["w", "y"], "error": [None, None],
+                          "audio": [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 2)]})
+    stored = PredictorStage(checkpoint=str(tmp_path / "source"), passes_per_clip=0).with_trunk_output(clips)
+    rows = clips.assign(**{TRUNK_FEATURES: stored[TRUNK_FEATURES]})
+    stage = ModelsStage(paths, stored_trunk_of=str(tmp_path / "source"))
+    assert stage.on_stored == ["student"]
+    calls = []
+    trunk = LogMelCNN.trunk
+    monkeypatch.setattr(LogMelCNN, "trunk", lambda self, *a: calls.append(1) or trunk(self, *a))
+    together = stage(rows)
+    assert len(calls) == 2                         # the other model's trunk only, over the clips' two lengths
+    monkeypatch.setattr(LogMelCNN, "trunk", trunk)
+    for name, path in paths.items():
+        alone = PredictorStage(checkpoint=path, passes_per_clip=0, amp=False)(clips)
+        mine = together[together["model"] == name].drop(columns="model").reset_index(drop=True)
+        assert list(mine.pred) == list(alone.pred) and TRUNK_FEATURES not in mine
+        np.testing.assert_allclose(np.stack(mine.probs), np.stack(alone.probs), atol=1e-6)
+    without = ModelsStage(paths, stored_trunk_of=str(tmp_path / "source"))(clips)    # rows without it: the audio
+    pd.testing.assert_frame_equal(without.drop(columns="probs"), together.drop(columns="probs"))
+
+
+def test_evaluation_takes_the_stored_trunk_only_where_every_test_clip_has_one():
+    import pandas as pd
+    from types import SimpleNamespace
+    from mifuse_ray.evaluation import stored_trunk_output
+    from mifuse_ray.models.base import TRUNK_FEATURES
+    test = pd.DataFrame({"clip_id": ["a", "b"]})
+    table = pd.DataFrame({"clip_id": ["b", "a", "z"], TRUNK_FEATURES: [[1.0], [2.0], [3.0]]})
+    got = stored_trunk_output(SimpleNamespace(table=table), test)
+    assert got["a"] == [2.0] and got["b"] == [1.0]
+    assert stored_trunk_output(None, test) is None
+    assert stored_trunk_output(SimpleNamespace(table=table.drop(columns=[TRUNK_FEATURES])), test) is None
+    assert stored_trunk_output(SimpleNamespace(table=table.assign(**{TRUNK_FEATURES: [[1.0], None, [3.0]]})), test) is None
+    assert stored_trunk_output(SimpleNamespace(table=table.assign(parent_id=[None, "p", None])), test) is None
+    assert stored_trunk_output(SimpleNamespace(table=table.iloc[:1]), test) is None          # a test clip never labelled
