@@ -217,14 +217,15 @@ def test_models_on_the_stored_trunk_output_run_no_trunk_and_predict_as_alone(tmp
 def test_evaluation_takes_the_stored_trunk_only_where_every_test_clip_has_one():
     import pandas as pd
     from types import SimpleNamespace
-    from mifuse_ray.evaluation import stored_trunk_output
+    from mifuse_ray.evaluation import test_trunk_stored
     from mifuse_ray.models.base import TRUNK_FEATURES
+    from mifuse_ray.train.labels import with_stored_trunk
     test = pd.DataFrame({"clip_id": ["a", "b"]})
-    table = pd.DataFrame({"clip_id": ["b", "a", "z"], TRUNK_FEATURES: [[1.0], [2.0], [3.0]]})
-    got = stored_trunk_output(SimpleNamespace(table=table), test)
-    assert got["a"] == [2.0] and got["b"] == [1.0]
-    assert stored_trunk_output(None, test) is None
-    assert stored_trunk_output(SimpleNamespace(table=table.drop(columns=[TRUNK_FEATURES])), test) is None
-    assert stored_trunk_output(SimpleNamespace(table=table.assign(**{TRUNK_FEATURES: [[1.0], None, [3.0]]})), test) is None
-    assert stored_trunk_output(SimpleNamespace(table=table.assign(parent_id=[None, "p", None])), test) is None
-    assert stored_trunk_output(SimpleNamespace(table=table.iloc[:1]), test) is None          # a test clip never labelled
+    table = pd.DataFrame({"clip_id": ["b", "a", "z"], "error": None, TRUNK_FEATURES: [[1.0], [2.0], [3.0]]})
+    assert test_trunk_stored(SimpleNamespace(table=table), test)
+    assert list(with_stored_trunk(test, table)[TRUNK_FEATURES]) == [[2.0], [1.0]]      # the test split's order
+    assert not test_trunk_stored(None, test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.drop(columns=[TRUNK_FEATURES])), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.assign(**{TRUNK_FEATURES: [[1.0], None, [3.0]]})), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.assign(parent_id=[None, "p", None])), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.iloc[:1]), test)          # a test clip never labelled

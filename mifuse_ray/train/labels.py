@@ -33,9 +33,9 @@ def mode_labels(cfg: MiFuseConfig, labels_table, choice=None) -> tuple[FusionCon
         fusion = dataclasses.replace(cfg.fusion, **VARIANTS[mode.labels])
         fit = fit_table(labels_table, len(cfg.labels), fusion)
     if cfg.train.targets == "speaker_balanced" and not (fit is not None and fit.speaker_scales):
-        fit = fit if fit is not None else FusionFit()
-        fit = dataclasses.replace(fit, speaker_scales=fitted_speaker_scales(table_frames(labels_table), len(cfg.labels),
-                                                                            fusion, fit) or None)
+        fit = fit or FusionFit()
+        scales = fitted_speaker_scales(table_frames(labels_table), len(cfg.labels), fusion, fit)
+        fit = dataclasses.replace(fit, speaker_scales=scales or None)
     return fusion, fit
 
 
