@@ -175,6 +175,47 @@ def test_lora_student_saves_only_the_adapter_and_round_trips_exactly(tiny_hf_dir
         assert not torch.equal(load_model(tiny_hf_dir)(wav, lengths), want)         # and not the base model
 
 
+@pytest.mark.parametrize("kind", ["cnn", "hf"])
+def test_head_on_base_checkpoint_keeps_only_the_head_and_round_trips_exactly(kind, tiny_hf_dir, tmp_path):
+    from mifuse_ray.models.base import HEAD_WEIGHTS, save_head_on_base
+    base_dir = tiny_hf_dir if kind == "hf" else str(tmp_path / "base")
+    if kind == "cnn":
+        LogMelCNN(labels=["calm", "joy", "rage"]).save(base_dir)
+    student = load_model(base_dir)
+    student.requires_grad_(False)
+    for layer in student.head_layers():
+        layer.requires_grad_(True)
+    with torch.no_grad():                                    # the head moves, the trunk does not
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    wav, lengths = batch()
+    with torch.no_grad():
+        want = student.eval()(wav, lengths)
+    save_head_on_base(student, str(tmp_path / "head"), base_dir)
+    assert sorted(os.listdir(tmp_path / "head")) == sorted([HEAD_WEIGHTS, "mifuse_model.json"])
+    saved = torch.load(str(tmp_path / "head" / HEAD_WEIGHTS), weights_only=True)
+    assert 0 < sum(v.numel() for v in saved.values()) < 0.5 * sum(p.numel() for p in student.parameters())
+    again = load_model(str(tmp_path / "head"))
+    assert again.labels == student.labels
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav, lengths), want, rtol=0, atol=0)             # exact
+        assert not torch.equal(load_model(base_dir)(wav, lengths), want)                   # not the base
+    next(p for name, p in student.named_parameters() if name not in saved).requires_grad_(True)
+    with pytest.raises(ValueError, match="learns outside"):        # a trunk that learns is not dropped
+        save_head_on_base(student, str(tmp_path / "refused"), base_dir)
+
+
+def test_head_on_base_names_its_missing_base(tmp_path):
+    from mifuse_ray.models.base import save_head_on_base
+    LogMelCNN().save(str(tmp_path / "base"))
+    frozen = load_model(str(tmp_path / "base")).requires_grad_(False)
+    save_head_on_base(frozen, str(tmp_path / "head"), str(tmp_path / "base"))
+    os.rename(tmp_path / "base", tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="put that checkpoint back"):
+        load_model(str(tmp_path / "head"))
+
+
 def test_models_on_the_stored_trunk_output_run_no_trunk_and_predict_as_alone(tmp_path, monkeypatch):
     """Rows that carry the source model's trunk output as labelling stored it: the models with that
     trunk run their heads on it (no trunk pass), a model with another trunk still runs its own, and
