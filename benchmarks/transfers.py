@@ -117,7 +117,7 @@ def run_cell(source, target, seed, out_root, scale, overrides=(), baselines=()):
             return finished                             # finished with every system asked for, at these settings
         print(f"{out}: finished at other settings ({'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); "
               "running it again (students whose settings did not change are reused)", flush=True)
-    donor = _labelled_main_cell(out_root, source, target, seed)
+    donor = _labelled_main_cell(out_root, source, target, seed, cfg)
     if donor is not None and donor != out:
         _share_labels(donor, out)
     results = adapt(cfg).results
@@ -301,12 +301,22 @@ def _main_values() -> dict:
             for runs in ABLATIONS.values() for run in runs for key, _ in _pairs(run)}
 
 
-def _labelled_main_cell(out_root: str, source: str, target: str, seed: int) -> str | None:
-    """A finished main cell of this transfer, this seed's first: the draws depend on the LALM's and
-    the source model's seeds (``lalm.seed``, ``source.seed``), not on the student's ``train.seed``."""
+LABEL_SECTIONS = ("audio", "lalm", "source", "source_train")    # what a cell's stored draws depend on
+
+
+def _labelled_main_cell(out_root: str, source: str, target: str, seed: int, cfg=None) -> str | None:
+    """A finished cell of this transfer to take the labels from, this seed's first: with ``cfg``, one
+    labelled at its settings of what the draws depend on (``LABEL_SECTIONS``: not the student's
+    ``train.*``, nor the fusion, which is fitted again); else, or without one, a main cell."""
+    from mifuse_ray.reuse import settings_changed
     cells = os.path.join(out_root, f"{source}__{target}")
-    candidates = [os.path.join(cells, f"seed{seed}", "main")] + sorted(glob.glob(os.path.join(cells, "seed*", "main")))
-    return next((c for c in candidates if os.path.exists(os.path.join(c, "results.json"))), None)
+    finished = [c for pattern in (f"seed{seed}", "seed*") for c in sorted(glob.glob(os.path.join(cells, pattern, "*")))
+                if os.path.exists(os.path.join(c, "results.json"))]
+    if cfg is not None:
+        same = next((c for c in finished if not settings_changed(c, cfg, LABEL_SECTIONS)), None)
+        if same is not None:
+            return same
+    return next((c for c in finished if os.path.basename(c) == "main"), None)
 
 
 def _share_labels(main_out: str, out: str) -> None:

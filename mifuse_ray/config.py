@@ -34,6 +34,12 @@ def not_a_result(default, **kw):
     return field(default=default, metadata={"result": False}, **kw)
 
 
+def added_later(default, **kw):
+    """A field whose default does what runs did before it existed: left out of the reuse fingerprints
+    while it is at that default, so finished runs stay reused; any other value counts as usual."""
+    return field(default=default, metadata={"omit_at_default": True}, **kw)
+
+
 @dataclass
 class DemoConfig:
     """The built-in demo: synthetic domains generated on first use."""
@@ -192,6 +198,11 @@ class TrainConfig:
     # the label term: the KL to the soft label, or its generalised cross-entropy (train.gce_k), which lets
     # labels the student has come to disagree with pull less (losses.soft_label_gce)
     label_loss: Literal["kl", "gce"] = "kl"
+    # what the label term learns: the fused label q, or q balanced within each adaptation speaker towards the prior
+    # (the manifest's speaker_id; fusion_fit.speaker_scales, as fusion.balance_speakers does for the labels
+    # themselves). The speakers shape the training targets only: the student still predicts one clip at a time,
+    # with no speaker id at inference, and the fused label it is scored against is left as the fusion made it
+    targets: Literal["fused", "speaker_balanced"] = added_later("fused")
     gce_k: float = 0.7                  # k of the generalised cross-entropy, in (0, 1] (→ 0: CE, 1: MAE)
     consistency_sharpen: float = 0.5    # temperature of the EMA target (< 1 sharpens)
     online_fusion_from_epoch: int = 2   # from this epoch the EMA model may be the auxiliary teacher ...
@@ -360,9 +371,9 @@ def result_fields(obj: Any) -> dict:
     what the reuse fingerprints hash, so that a new field counts unless it says it does not."""
     out = {}
     for f in dataclasses.fields(obj):
-        if not f.metadata.get("result", True):
-            continue
         value = getattr(obj, f.name)
+        if not f.metadata.get("result", True) or (f.metadata.get("omit_at_default") and value == f.default):
+            continue
         out[f.name] = result_fields(value) if dataclasses.is_dataclass(value) else value
     return out
 

@@ -6,6 +6,7 @@ import pandas as pd
 
 from .config import MiFuseConfig
 from .metrics import bootstrap_ci, classification_report, counting_unanswered_as_wrong
+from .models.base import TRUNK_FEATURES
 
 
 def score(y_true, y_pred, num_classes: int) -> dict:
@@ -52,6 +53,20 @@ def _speakers_to_balance(test: pd.DataFrame, cfg: MiFuseConfig) -> bool:
     return bool((counts[counts.index != ""] >= cfg.fusion.speaker_min_clips).any())
 
 
+def test_trunk_stored(test_labels, test: pd.DataFrame) -> bool:
+    """Whether labelling stored the source model's trunk output for every test clip, one row each: every
+    model with that trunk (the source model, each head-only student, their EMAs) is then scored on it
+    with its head alone, and the trunk runs on none of them (``predict.ModelsStage``). Not where a clip
+    was labelled in segments, or has no stored output (those are scored on the audio)."""
+    if test_labels is None or TRUNK_FEATURES not in test_labels.table:
+        return False
+    t = test_labels.table
+    if "parent_id" in t and t["parent_id"].notna().any():
+        return False
+    t = t[t["clip_id"].isin(set(test["clip_id"]))]
+    return len(t) == len(test) and not t["clip_id"].duplicated().any() and not t[TRUNK_FEATURES].isna().any()
+
+
 def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict:
     """UAR/WA/F1 (+95% bootstrap CI) on the test split for source, LALM, fused labels and students;
     where the test split names speakers, also with speaker-normalised inference (``by_speaker``)
@@ -73,6 +88,10 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
             pred = counting_unanswered_as_wrong(y, by_speaker(probs, [speaker_of.get(c) for c in clip_ids], cfg), C)
             out["test_by_speaker"][name] = score(y, pred, C)
 
+    stored = test_trunk_stored(test_labels, test)
+    if stored:
+        from .train.labels import with_stored_trunk
+        test = with_stored_trunk(test, test_labels.table)
     decoded = training_clips(test, cfg.audio)     # every model in one pass over the audio
     models = {"source_only": inputs.source_checkpoint}
     for i, checkpoint in enumerate(cfg.source.extra_checkpoints):      # extra source-model teachers
@@ -85,7 +104,8 @@ def evaluate_run(cfg: MiFuseConfig, inputs, students: dict, test_labels) -> dict
                                   "dev_uar": res.best_metrics.get("dev_uar"),
                                   "ema_dev_uar": res.best_metrics.get("ema_dev_uar"),
                                   "fused_label_dev_uar": res.fused_dev_uar, "train_seconds": res.seconds}
-    for name, pred in predict_models(decoded, models, cfg).items():
+    stored_of = inputs.source_checkpoint if stored else None
+    for name, pred in predict_models(decoded, models, cfg, stored_trunk_of=stored_of).items():
         pred = pred[pred["error"].isna()]
         y = np.array([truth[c] for c in pred["clip_id"]])
         p = np.array([cfg.labels.index(label) for label in pred["pred"]])

@@ -125,18 +125,25 @@ def fit_frames(frames, num_classes: int, fusion_cfg, temperatures=None, batches=
     fit = fit_fusion(batches, num_classes, prior=prior, balance_teachers=fusion_cfg.balance_teachers,
                      balance_fused=fusion_cfg.balance_fused, temperatures=temperatures, **fuse_kwargs(fusion_cfg))
     if fusion_cfg.balance_speakers:
-        # one more pass: the fused labels with the split's balancing, grouped by speaker (C floats per clip)
-        qs, speakers = [], []
-        for frame in frames():
-            ok = frame[frame["error"].isna()] if "error" in frame else frame
-            if len(ok) and "speaker_id" in ok:
-                teachers = teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
-                qs.append(np.asarray(fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg)).q))
-                speakers.append(ok["speaker_id"].to_numpy(dtype=object))
-        if qs:
-            fit.speaker_scales = speaker_scales(np.concatenate(qs), np.concatenate(speakers), prior,
-                                                fusion_cfg.speaker_min_clips, notes=fit.notes)
+        fit.speaker_scales = fitted_speaker_scales(frames, num_classes, fusion_cfg, fit, prior) or None
     return fit
+
+
+def fitted_speaker_scales(frames, num_classes: int, fusion_cfg, fit: FusionFit, prior=None) -> dict:
+    """One more pass over the split: its fused labels (with ``fit``'s balancing) grouped by speaker,
+    C floats per clip, and each speaker's scale vector (``fusion_fit.speaker_scales``)."""
+    qs, speakers = [], []
+    for frame in frames():
+        ok = frame[frame["error"].isna()] if "error" in frame else frame
+        if len(ok) and "speaker_id" in ok:
+            teachers = teachers_of(ok, num_classes, fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used)
+            qs.append(np.asarray(fuse(teachers, fit=fit, **fuse_kwargs(fusion_cfg)).q))
+            speakers.append(ok["speaker_id"].to_numpy(dtype=object))
+    if not qs:
+        return {}
+    prior = fusion_prior(fusion_cfg, num_classes) if prior is None else prior
+    return speaker_scales(np.concatenate(qs), np.concatenate(speakers), prior, fusion_cfg.speaker_min_clips,
+                          notes=fit.notes)
 
 
 def fit_table(table, num_classes: int, fusion_cfg, temperatures=None, batch_rows: int = 8192):
@@ -147,8 +154,14 @@ def fit_table(table, num_classes: int, fusion_cfg, temperatures=None, batch_rows
         held = held_split(table, num_classes)
         return fit_frames(table.frames, num_classes, fusion_cfg, temperatures,
                           batches=held.batches(fusion_cfg.lalm_answers_used, fusion_cfg.source_passes_used))
-    return fit_frames(lambda: (table.iloc[i:i + batch_rows] for i in range(0, len(table), batch_rows)),
-                      num_classes, fusion_cfg, temperatures)
+    return fit_frames(table_frames(table, batch_rows), num_classes, fusion_cfg, temperatures)
+
+
+def table_frames(table, batch_rows: int = 8192):
+    """``frames()`` of a split: a sharded split's shards one at a time, or slices of a table in memory."""
+    if not isinstance(table, pd.DataFrame):
+        return table.frames
+    return lambda: (table.iloc[i:i + batch_rows] for i in range(0, len(table), batch_rows))
 
 
 def fusion_columns(df: pd.DataFrame, num_classes: int, fusion_cfg, fit: FusionFit | None = None) -> pd.DataFrame:

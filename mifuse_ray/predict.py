@@ -95,33 +95,49 @@ class ModelsStage:
     that scores its source model, each student and each EMA on the test split does it in one pass over
     the audio and one pool rather than one per model. Models with the same trunk (every head-only
     student, its EMA and the source model it started from) share one trunk pass: with a Whisper
-    encoder the trunk is nearly all of the cost (not yet timed on a run; 3 models took ~200 s on 1,000 clips)."""
+    encoder the trunk is nearly all of the cost (3 models took ~200 s on 1,000 clips). ``stored_trunk_of``:
+    the checkpoint whose trunk output the rows already carry (``TRUNK_FEATURES``, stored while labelling);
+    the models with that trunk run their heads on it and no trunk pass at all."""
 
-    def __init__(self, checkpoints: dict[str, str], amp: bool = False):
+    def __init__(self, checkpoints: dict[str, str], amp: bool = False, stored_trunk_of: str | None = None):
         self.stages = {name: PredictorStage(checkpoint=path, passes_per_clip=0, amp=amp)
                        for name, path in checkpoints.items()}
         self.groups = trunk_groups({name: stage.model for name, stage in self.stages.items()})
+        self.on_stored: list[str] = []
+        if stored_trunk_of is not None:
+            reference = next((stage.model for name, stage in self.stages.items()
+                              if checkpoints[name] == stored_trunk_of), None)
+            if reference is None:
+                reference = PredictorStage(checkpoint=stored_trunk_of, passes_per_clip=0).model
+            self.on_stored = next((g for g in self.groups if same_trunk(reference, self.stages[g[0]].model)), [])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
+        stored = TRUNK_FEATURES in batch and all(v is not None for v in batch[TRUNK_FEATURES])
         for first, *rest in self.groups:
-            rows = self.stages[first].with_trunk_output(batch)
+            if stored and first in self.on_stored:
+                out += [self.stages[name].on_trunk_output(batch).assign(model=name) for name in (first, *rest)]
+                continue
+            rows = self.stages[first].with_trunk_output(batch.drop(columns=[TRUNK_FEATURES], errors="ignore"))
             out.append(self.stages[first].prediction_rows(rows).assign(model=first))
             out += [self.stages[name].on_trunk_output(rows).assign(model=name) for name in rest]
         return pd.concat(out, ignore_index=True)
 
 
-def predict_models(ds, model_dirs: dict[str, str], cfg: MiFuseConfig, models_per_pass: int = 8) -> dict[str, pd.DataFrame]:
+def predict_models(ds, model_dirs: dict[str, str], cfg: MiFuseConfig, models_per_pass: int = 8,
+                   stored_trunk_of: str | None = None) -> dict[str, pd.DataFrame]:
     """Each model's predictions (label, distribution, confidence; sorted by clip) for a Ray Dataset of
     decoded clips. Up to ``models_per_pass`` models share a pass (``ModelsStage``); an actor holds every
-    model of its pass, so the group size bounds its memory when checkpoints are large."""
+    model of its pass, so the group size bounds its memory when checkpoints are large. ``stored_trunk_of``:
+    the checkpoint whose trunk output the clips' rows carry (``ModelsStage``)."""
     import ray.data
     names = list(model_dirs)
     out: dict[str, pd.DataFrame] = {}
     for start in range(0, len(names), models_per_pass):
         group = {name: model_dirs[name] for name in names[start:start + models_per_pass]}
         rows = ds.map_batches(ModelsStage, batch_format="pandas", batch_size=cfg.source.batch_size,
-                              fn_constructor_kwargs=dict(checkpoints=group, amp=cfg.source.amp),
+                              fn_constructor_kwargs=dict(checkpoints=group, amp=cfg.source.amp,
+                                                         stored_trunk_of=stored_trunk_of),
                               compute=ray.data.ActorPoolStrategy(size=cfg.source.num_actors),
                               num_cpus=cfg.source.actor_cpus, num_gpus=cfg.source.num_gpus or None)
         frames = list(rows.iter_batches(batch_format="pandas", batch_size=None))

@@ -61,6 +61,28 @@ def test_a_cell_takes_its_labels_from_a_finished_main_cell_of_its_transfer(tmp_p
     assert _labelled_main_cell(str(tmp_path), "b", "a", 2) is None
 
 
+def test_a_cell_takes_its_labels_from_a_cell_labelled_at_its_settings_first(tmp_path):
+    """A variant of a non-main setting (another encoder) takes the labels of the cell made at that
+    setting, whose draws it can reuse, not the main cell's; without one, the main cell's as before."""
+    import json
+
+    from benchmarks.transfers import _labelled_main_cell
+    from mifuse_ray.config import MiFuseConfig, result_fields
+    main, other = MiFuseConfig(), MiFuseConfig()
+    other.source.mc_scope = "head" if main.source.mc_scope != "head" else "full"
+    for tag, cfg in (("main", main), ("other_scope", other)):
+        cell = tmp_path / "a__b" / "seed0" / tag
+        cell.mkdir(parents=True)
+        (cell / "results.json").write_text("{}")
+        (cell / "run.json").write_text(json.dumps({"config": {s: result_fields(getattr(cfg, s)) for s in
+                                                              ("audio", "lalm", "source", "source_train")}}, default=str))
+    variant = MiFuseConfig()
+    variant.source.mc_scope, variant.train.epochs = other.source.mc_scope, 3     # train.*: not what the draws depend on
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 1, variant) == str(tmp_path / "a__b" / "seed0" / "other_scope")
+    variant.lalm.seed += 1                                          # no cell has these draws: the main cell's
+    assert _labelled_main_cell(str(tmp_path), "a", "b", 1, variant) == str(tmp_path / "a__b" / "seed0" / "main")
+
+
 def test_each_ablation_is_compared_with_the_main_setting_on_its_own_cells():
     from benchmarks.transfers import ablation_table
     rows = [("a→b", 0, "mifuse_ema", 0.60), ("b→a", 0, "mifuse_ema", 0.40)]
@@ -329,10 +351,11 @@ def test_the_paper_scale_differences_are_paired_on_the_same_clips():
 
 def test_speaker_features_centres_each_speaker_and_chooses_on_dev(tmp_path):
     """Speakers whose trunk output carries a large offset of their own: centring each speaker removes it
-    (the speaker means become the adaptation mean), the arms are scored on dev and test, and the choice
-    is the dev winner."""
+    (the speaker means become the adaptation mean), balancing each speaker's targets makes them average
+    to the prior, every arm is scored on dev and test beside the fused label, and each choice is the dev winner."""
     import numpy as np
-    from benchmarks.speaker_features import ARMS, centred, main
+    from benchmarks.speaker_features import ARMS, TARGETS, centred, main, speaker_balanced
+    from mifuse_ray.config import MiFuseConfig
     rng = np.random.default_rng(0)
     labels = ["neutral", "happy", "angry", "sad"]
     cell = tmp_path / "a__b_paper" / "seed0" / "tag"
@@ -342,17 +365,30 @@ def test_speaker_features_centres_each_speaker_and_chooses_on_dev(tmp_path):
         offset = np.repeat(rng.normal(0, 4, (speakers, 8)), 40, axis=0)
         x = np.eye(4, 8)[y] * 2 + offset + rng.normal(0, 0.5, (len(y), 8))
         q = np.full((len(y), 4), 0.1) + 0.6 * np.eye(4)[y]
+        q[:, 0] += np.repeat(rng.random(speakers), 40)        # each speaker's labels leaning to class 0 by its own amount
+        q /= q.sum(1, keepdims=True)
         (cell / split).mkdir(parents=True)
         pd.DataFrame({"trunk_features": list(x.astype(np.float32)), "speaker_id": spk, "label": [labels[i] for i in y],
                       "oracle_label": [labels[i] for i in y], "q": list(q)}).to_parquet(cell / split / "labels.parquet")
+        if split == "labels":
+            balanced = speaker_balanced(q.astype(np.float32), spk, MiFuseConfig())
+            for s in np.unique(spk):
+                np.testing.assert_allclose(balanced[spk == s].mean(0), 0.25, atol=0.02)
     x = np.arange(12.0).reshape(6, 2)
     moved = centred(x, np.array(list("aabbbc")), np.array([1.0, -1.0]))
     for s in "abc":
         np.testing.assert_allclose(moved[np.array(list("aabbbc")) == s].mean(0), [1.0, -1.0])
     main(["--cells", str(tmp_path / "*_paper" / "seed0" / "*"), "--seeds", "0", "--out", str(tmp_path / "out")])
     table = pd.read_csv(tmp_path / "out" / "speaker_features.csv")
-    assert list(table.arm) == ARMS and list(table.transfer.unique()) == ["a→b"]
-    by_arm = table.set_index("arm")
+    students = table[table.targets != "fused_label"]
+    assert list(zip(students.targets, students.arm)) == [(t, a) for t in TARGETS for a in ARMS]
+    assert sorted(table[table.targets == "fused_label"].arm) == ["balanced_outputs", "per_clip"]
+    assert list(table.transfer.unique()) == ["a→b"]
+    by_arm = students[students.targets == "fused"].set_index("arm")
     assert by_arm.loc["centred_features", "dev_uar"] > by_arm.loc["per_clip", "dev_uar"] + 0.2   # the offset is gone
-    best = by_arm["dev_uar"].idxmax()
-    assert f"Chosen on dev: **{best}**" in (tmp_path / "out" / "speaker_features.md").read_text()
+    text = (tmp_path / "out" / "speaker_features.md").read_text()
+    best = students.loc[students.dev_uar.idxmax()]
+    assert f"Chosen on dev among every arm: **{best.targets} / {best.arm}**" in text
+    per_clip = students[students.arm == "per_clip"]
+    best = per_clip.loc[per_clip.dev_uar.idxmax()]
+    assert f"among the per-clip arms (no speaker at inference): **{best.targets} / {best.arm}**" in text

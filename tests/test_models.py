@@ -173,3 +173,100 @@ def test_lora_student_saves_only_the_adapter_and_round_trips_exactly(tiny_hf_dir
     with torch.no_grad():
         torch.testing.assert_close(again(wav, lengths), want, rtol=0, atol=0)     # exact
         assert not torch.equal(load_model(tiny_hf_dir)(wav, lengths), want)         # and not the base model
+
+
+@pytest.mark.parametrize("kind", ["cnn", "hf"])
+def test_head_on_base_checkpoint_keeps_only_the_head_and_round_trips_exactly(kind, tiny_hf_dir, tmp_path):
+    from mifuse_ray.models.base import HEAD_WEIGHTS, save_head_on_base
+    base_dir = tiny_hf_dir if kind == "hf" else str(tmp_path / "base")
+    if kind == "cnn":
+        LogMelCNN(labels=["calm", "joy", "rage"]).save(base_dir)
+    student = load_model(base_dir)
+    student.requires_grad_(False)
+    for layer in student.head_layers():
+        layer.requires_grad_(True)
+    with torch.no_grad():                                    # the head moves, the trunk does not
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    wav, lengths = batch()
+    with torch.no_grad():
+        want = student.eval()(wav, lengths)
+    save_head_on_base(student, str(tmp_path / "head"), base_dir)
+    assert sorted(os.listdir(tmp_path / "head")) == sorted([HEAD_WEIGHTS, "mifuse_model.json"])
+    saved = torch.load(str(tmp_path / "head" / HEAD_WEIGHTS), weights_only=True)
+    assert 0 < sum(v.numel() for v in saved.values()) < 0.5 * sum(p.numel() for p in student.parameters())
+    again = load_model(str(tmp_path / "head"))
+    assert again.labels == student.labels
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav, lengths), want, rtol=0, atol=0)             # exact
+        assert not torch.equal(load_model(base_dir)(wav, lengths), want)                   # not the base
+    next(p for name, p in student.named_parameters() if name not in saved).requires_grad_(True)
+    with pytest.raises(ValueError, match="learns outside"):        # a trunk that learns is not dropped
+        save_head_on_base(student, str(tmp_path / "refused"), base_dir)
+
+
+def test_head_on_base_names_its_missing_base(tmp_path):
+    from mifuse_ray.models.base import save_head_on_base
+    LogMelCNN().save(str(tmp_path / "base"))
+    frozen = load_model(str(tmp_path / "base")).requires_grad_(False)
+    save_head_on_base(frozen, str(tmp_path / "head"), str(tmp_path / "base"))
+    os.rename(tmp_path / "base", tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="put that checkpoint back"):
+        load_model(str(tmp_path / "head"))
+
+
+def test_models_on_the_stored_trunk_output_run_no_trunk_and_predict_as_alone(tmp_path, monkeypatch):
+    """Rows that carry the source model's trunk output as labelling stored it: the models with that
+    trunk run their heads on it (no trunk pass), a model with another trunk still runs its own, and
+    each predicts what it predicts alone from the audio."""
+    import pandas as pd
+    from mifuse_ray.models.base import TRUNK_FEATURES
+    from mifuse_ray.predict import ModelsStage, PredictorStage
+    torch.manual_seed(0)
+    source = LogMelCNN()
+    source.save(str(tmp_path / "source"))
+    with torch.no_grad():
+        for p in source.head_module().parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    source.save(str(tmp_path / "student"))
+    torch.manual_seed(1)
+    LogMelCNN().save(str(tmp_path / "other"))
+    paths = {name: str(tmp_path / name) for name in ("student", "other")}      # the source itself not among them
+    rng = np.random.default_rng(0)
+    clips = pd.DataFrame({"clip_id": ["w", "y"], "error": [None, None],
+                          "audio": [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 2)]})
+    stored = PredictorStage(checkpoint=str(tmp_path / "source"), passes_per_clip=0).with_trunk_output(clips)
+    rows = clips.assign(**{TRUNK_FEATURES: stored[TRUNK_FEATURES]})
+    stage = ModelsStage(paths, stored_trunk_of=str(tmp_path / "source"))
+    assert stage.on_stored == ["student"]
+    calls = []
+    trunk = LogMelCNN.trunk
+    monkeypatch.setattr(LogMelCNN, "trunk", lambda self, *a: calls.append(1) or trunk(self, *a))
+    together = stage(rows)
+    assert len(calls) == 2                         # the other model's trunk only, over the clips' two lengths
+    monkeypatch.setattr(LogMelCNN, "trunk", trunk)
+    for name, path in paths.items():
+        alone = PredictorStage(checkpoint=path, passes_per_clip=0, amp=False)(clips)
+        mine = together[together["model"] == name].drop(columns="model").reset_index(drop=True)
+        assert list(mine.pred) == list(alone.pred) and TRUNK_FEATURES not in mine
+        np.testing.assert_allclose(np.stack(mine.probs), np.stack(alone.probs), atol=1e-6)
+    without = ModelsStage(paths, stored_trunk_of=str(tmp_path / "source"))(clips)    # rows without it: the audio
+    pd.testing.assert_frame_equal(without.drop(columns="probs"), together.drop(columns="probs"))
+
+
+def test_evaluation_takes_the_stored_trunk_only_where_every_test_clip_has_one():
+    import pandas as pd
+    from types import SimpleNamespace
+    from mifuse_ray.evaluation import test_trunk_stored
+    from mifuse_ray.models.base import TRUNK_FEATURES
+    from mifuse_ray.train.labels import with_stored_trunk
+    test = pd.DataFrame({"clip_id": ["a", "b"]})
+    table = pd.DataFrame({"clip_id": ["b", "a", "z"], "error": None, TRUNK_FEATURES: [[1.0], [2.0], [3.0]]})
+    assert test_trunk_stored(SimpleNamespace(table=table), test)
+    assert list(with_stored_trunk(test, table)[TRUNK_FEATURES]) == [[2.0], [1.0]]      # the test split's order
+    assert not test_trunk_stored(None, test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.drop(columns=[TRUNK_FEATURES])), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.assign(**{TRUNK_FEATURES: [[1.0], None, [3.0]]})), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.assign(parent_id=[None, "p", None])), test)
+    assert not test_trunk_stored(SimpleNamespace(table=table.iloc[:1]), test)          # a test clip never labelled

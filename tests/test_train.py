@@ -216,12 +216,13 @@ def small_dev_labels(ray_cluster, source_model, demo_root, small_labels, tmp_pat
 
 def test_two_workers_learn_on_the_stored_trunk_output(small_labels, small_dev_labels, source_model, tmp_path, caplog):
     """Without waveform augmentation a head-only student learns on the trunk output its labels carry:
-    two DDP ranks in step, dev scored from the stored output too, the trunk saved as the source's, and
-    the saved student (a whole network) predicting on the audio what its head gave on the stored output."""
+    two DDP ranks in step, dev scored from the stored output too, only the head saved (on the source
+    checkpoint, whose trunk it kept), and the saved student predicting on the audio what its head gave
+    on the stored output."""
     import logging
 
     import pandas as pd
-    from mifuse_ray.models.base import TRUNK_FEATURES, OnStoredTrunk, load_model
+    from mifuse_ray.models.base import TRUNK_FEATURES, OnStoredTrunk, load_model, read_meta
     from mifuse_ray.predict import PredictorStage
     from mifuse_ray.train.student import train_student
     from mifuse_ray.data import decode_locally
@@ -232,6 +233,8 @@ def test_two_workers_learn_on_the_stored_trunk_output(small_labels, small_dev_la
     assert "learns on the trunk output stored while labelling" in caplog.text
     assert [h["process_group_size"] for h in res.history] == [2, 2]
     assert all(h["weights_rank_spread"] == 0.0 and h["ema_dev_uar"] is not None for h in res.history)
+    assert read_meta(res.model_dir) == {"arch": "head_on_base", "base": os.path.abspath(source_model),
+                                        "labels": load_model(source_model).labels}
     source, student = load_model(source_model), load_model(res.model_dir)
     for (name, a), b in zip(source.state_dict().items(), student.state_dict().values()):
         assert torch.equal(a, b) == (not name.startswith("head_net.")), name      # only the head moved

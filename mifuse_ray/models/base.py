@@ -16,6 +16,8 @@ from torch import nn
 from ..label_set import DEFAULT_LABELS
 
 CHECKPOINT_META = "mifuse_model.json"
+# A head-on-base checkpoint's weights: the layers after the trunk only (``save_head_on_base``).
+HEAD_WEIGHTS = "head_weights.pt"
 # The column of the labels tables that holds the source model's deterministic trunk output per clip
 # (``SERModel.pooled``): a head-only student learns from it without running its frozen trunk again.
 TRUNK_FEATURES = "trunk_features"
@@ -146,6 +148,47 @@ def save_transformers(directory: str, hf_model: nn.Module, meta: dict) -> None:
     write_meta(directory, meta)
 
 
+def head_state(model: SERModel) -> dict[str, torch.Tensor]:
+    """The state-dict entries of ``model.head_layers()``: every weight a head-only student learns."""
+    heads = {id(layer) for layer in model.head_layers()}
+    prefixes = [name for name, module in model.named_modules() if id(module) in heads]
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()
+            if any(key.startswith(prefix + ".") for prefix in prefixes)}
+
+
+def save_head_on_base(model: SERModel, directory: str, base_dir: str) -> None:
+    """Only ``model``'s head, and the checkpoint ``base_dir`` whose trunk it sits on, unchanged.
+
+    Why: a head-only student on the stored trunk output never runs or moves its trunk, yet a whole
+    checkpoint repeats it: with Whisper base, 160 MB for the student and its EMA at every epoch's
+    report, 2.2 GB kept per paper-scale benchmark cell for six students. The caller vouches that the trunk
+    is the base's (``train/checkpoint.py`` does it only for a run on the stored trunk output);
+    a weight that can learn outside the head is refused here, since it would be lost."""
+    learning = [name for name, p in model.named_parameters() if p.requires_grad]
+    state = head_state(model)
+    outside = [name for name in learning if name not in state]
+    if outside:
+        raise ValueError(f"cannot save only the head: {outside[0]} learns outside it; save the whole model")
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, HEAD_WEIGHTS))
+    write_meta(directory, {"arch": "head_on_base", "base": os.path.abspath(base_dir), "labels": model.labels})
+
+
+def _load_head_on_base(directory: str, meta: dict, labels=None) -> SERModel:
+    base_dir = meta["base"]
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"{directory} holds a head for the model at {base_dir}, which is not there; "
+                                "put that checkpoint back at that path")
+    model = load_model(base_dir, labels=meta.get("labels", labels))
+    state = torch.load(os.path.join(directory, HEAD_WEIGHTS), weights_only=True)
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{directory}'s head does not fit the model at {base_dir} ({wrong[0]})")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
 def write_meta(directory: str, meta: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as fh:
@@ -176,6 +219,8 @@ def load_model(directory: str, dropout_override: float | None = None, labels=Non
     elif meta["arch"] == "whisper":
         from .whisper import WhisperSER
         model = WhisperSER.load(directory, meta, labels=labels)
+    elif meta["arch"] == "head_on_base":
+        model = _load_head_on_base(directory, meta, labels=labels)
     elif meta["arch"] in ("hf_lora", "whisper_lora"):
         from .lora import HFLoRAClassifier, WhisperLoRA
         wrapper = HFLoRAClassifier if meta["arch"] == "hf_lora" else WhisperLoRA

@@ -1,6 +1,8 @@
 """A student run's checkpoint: the student, its EMA teacher, the optimiser and schedule, the step,
 the running class means of re-fusion, and every epoch's metrics so far (Ray Train keeps only the
-checkpoints it ranks best, and a resumed attempt starts its own metrics table afresh)."""
+checkpoints it ranks best, and a resumed attempt starts its own metrics table afresh). A student on
+the stored trunk output keeps only its head and names the source checkpoint it sits on
+(``models.base.save_head_on_base``); the final model copied from it does the same."""
 from __future__ import annotations
 
 import json
@@ -9,13 +11,19 @@ import os
 import numpy as np
 import torch
 
+from ..models.base import save_head_on_base
+
 HISTORY_FILE = "history.json"
 
 
 def save_checkpoint(directory: str, run, epoch: int) -> None:
-    run.student.save(os.path.join(directory, "student"))
-    if run.ema is not None:
-        run.ema.model.save(os.path.join(directory, "ema"))
+    for name, model in (("student", run.student), ("ema", run.ema.model if run.ema is not None else None)):
+        if model is None:
+            continue
+        if run.inp.stored_trunk:     # its trunk never ran, so it is the source's: store the head alone
+            save_head_on_base(model, os.path.join(directory, name), run.inp.source_checkpoint)
+        else:
+            model.save(os.path.join(directory, name))
     torch.save({"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step,
                 "epoch": epoch, "balances": {k: b.mean.tolist() for k, b in run.balances.items()}},
                os.path.join(directory, "train_state.pt"))

@@ -15,20 +15,28 @@ import pandas as pd
 from ..config import FusionConfig, MiFuseConfig
 from ..fusion import FusionFit
 from ..models.base import TRUNK_FEATURES
-from ..fused_labels import SOURCE, draw_columns, fit_table, fusion_columns, stored_draws
+from ..fused_labels import (SOURCE, draw_columns, fit_table, fitted_speaker_scales, fusion_columns,
+                            stored_draws, table_frames)
 from .modes import MODES
 
-def mode_labels(cfg: MiFuseConfig, labels_table: pd.DataFrame, choice=None) -> tuple[FusionConfig, FusionFit | None]:
-    """The fusion a mode learns from: the dev-chosen one, or its named variant fitted on the split."""
+def mode_labels(cfg: MiFuseConfig, labels_table, choice=None) -> tuple[FusionConfig, FusionFit | None]:
+    """The fusion a mode learns from: the dev-chosen one, or its named variant fitted on the split;
+    with ``train.targets speaker_balanced``, its fit also balances each adaptation speaker's labels."""
     from ..fusion import VARIANTS
     mode = MODES[cfg.train.mode]
     if mode.labels == "chosen" or mode.labels is None:
         if choice is None:
             from ..calibration import choose_fusion
             choice = choose_fusion(labels_table, None, cfg.fusion, cfg.labels)
-        return choice.config, choice.fit
-    fusion = dataclasses.replace(cfg.fusion, **VARIANTS[mode.labels])
-    return fusion, fit_table(labels_table, len(cfg.labels), fusion)
+        fusion, fit = choice.config, choice.fit
+    else:
+        fusion = dataclasses.replace(cfg.fusion, **VARIANTS[mode.labels])
+        fit = fit_table(labels_table, len(cfg.labels), fusion)
+    if cfg.train.targets == "speaker_balanced" and not (fit is not None and fit.speaker_scales):
+        fit = fit or FusionFit()
+        scales = fitted_speaker_scales(table_frames(labels_table), len(cfg.labels), fusion, fit)
+        fit = dataclasses.replace(fit, speaker_scales=scales or None)
+    return fusion, fit
 
 
 def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: FusionConfig,
@@ -43,7 +51,8 @@ def training_table(labels_table: pd.DataFrame, cfg: MiFuseConfig, fusion: Fusion
     q = np.stack(fused["q"]).astype(np.float32)
     valid = np.isfinite(q).all(1)
     draws = stored_draws(ok, C, fusion.lalm_answers_used, fusion.source_passes_used)
-    keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id", TRUNK_FEATURES) if c in ok.columns]
+    keep = [c for c in ("clip_id", "path", "offset_s", "segment_s", "parent_id", "speaker_id", TRUNK_FEATURES)
+            if c in ok.columns]
     table = ok.loc[valid, keep].copy()
     table["q"] = list(q[valid])
     table["clip_weight"] = fused["clip_weight"].to_numpy(np.float32)[valid]

@@ -46,10 +46,18 @@ def online_fusion_on(run, epoch: int) -> bool:
     return last is not None and last >= inp.fused_dev_uar
 
 
+def speaker_scale_rows(scales: dict, speakers, num_classes: int) -> torch.Tensor:
+    """Each clip's speaker scale vector (``fusion_fit.speaker_scales``), ones where its speaker has none:
+    the labels' balancing within each speaker, kept when re-fusion makes the labels again."""
+    ones = np.ones(num_classes)
+    return torch.tensor(np.stack([scales.get(str(s), ones) for s in speakers]), dtype=torch.float32)
+
+
 def online_fused_q(run, clean, lengths, batch) -> tuple:
     """q fused again with the EMA model in the source teacher's place (clean clip, K_EMA MC passes)
     beside the other teachers' stored draws, through the same fusion and fit as the labels; the EMA
-    teacher and q are balanced with running class means instead of the labelling split's.
+    teacher and q are balanced with running class means instead of the labelling split's; q then keeps
+    the labels' balancing within each speaker (``fit.speaker_scales``) where they had one.
     Returns (q, clip weights, the LALM's fusion weight, the EMA's clean-view prediction)."""
     from ..models.mc import hashed_uniform, mc_predict, mc_seeds
     t, device = run.inp.cfg.train, run.device
@@ -74,6 +82,8 @@ def online_fused_q(run, clean, lengths, batch) -> tuple:
     if fit.fused_scale is not None:
         run.balances["fused"].update(q)
         q = rescale(q, run.balances["fused"].scale())
+    if fit.speaker_scales and "speaker_id" in batch:
+        q = rescale(q, speaker_scale_rows(fit.speaker_scales, batch["speaker_id"], C).to(q))
     lalm_weight = res.weights[:, names.index(LALM)]
     return q, res.clip_weight, lalm_weight, out.det_probs
 
