@@ -28,7 +28,7 @@ import os
 import pandas as pd
 import yaml
 
-from benchmarks.common import merge_record, results_dir, runs_dir
+from benchmarks.common import mean_std, merge_record, results_dir, runs_dir
 from benchmarks.transfers import BASELINES, BY_SPEAKER, TRANSFER_DOMAINS, run_cell, settings_tag
 
 VALIDATION_TRANSFERS = [("acted_studio", "meeting_room"), ("call_centre", "voice_notes")]
@@ -171,7 +171,96 @@ def main(argv=None) -> None:
         merge_record(os.path.join(args.out, record_name(settings, "paper_scale_differences")),
                      differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
         write_ranking(table, args.out, settings)
+        write_summary(table, args.out, settings)
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
+
+
+TEACHERS = ("lalm_zero_shot", "source_only")
+
+
+def system_table(test: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
+    """Per system, its test UAR per transfer (mean over seeds), and its average over the transfers as
+    mean ± std over ``seeds`` (each seed's average over every transfer), WA likewise, beside the mean
+    half-width of one test split's clip-bootstrap 95% CI."""
+    transfers = sorted(test.transfer.unique())
+    rows = []
+    for system, g in test.groupby("system"):
+        per_seed = g[g.seed.isin(seeds)].groupby("seed")
+        complete = [seed for seed, s in per_seed if set(s.transfer) >= set(transfers)]
+        done = g[g.seed.isin(complete)]
+        row = {"system": system, **{t: round(float(g[g.transfer == t].uar.mean()), 3) for t in transfers}}
+        row["average UAR"] = mean_std(done.groupby("seed").uar.mean().tolist())
+        row["average WA"] = mean_std(done.groupby("seed").wa.mean().tolist())
+        row["seeds"] = len(complete)
+        row["test CI (clips)"] = f"±{((g.uar_ci_hi - g.uar_ci_lo) / 2).mean():.3f}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    # per-clip systems first, then the speaker-normalised ones, each by average UAR
+    table["_key"] = table.system.str.endswith(BY_SPEAKER).map({False: 0, True: 1}) * 10 - \
+        pd.to_numeric(table["average UAR"].str.split(" ").str[0], errors="coerce").fillna(-1)
+    return table.sort_values("_key").drop(columns="_key")
+
+
+def target_checks(test: pd.DataFrame, dev: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
+    """Issue #41's targets on the cells (transfer, seed) where the shipped model ran, over ``seeds``:
+    each margin is the mean over those cells. The best baseline is the one that ranks first on dev."""
+    test = test[test.seed.isin(seeds)]
+    uar = test.pivot_table(index=["transfer", "seed"], columns="system", values="uar")
+    wa = test.pivot_table(index=["transfer", "seed"], columns="system", values="wa")
+    if "adapted" not in uar:
+        return pd.DataFrame()
+    baselines = [s for s in uar.columns if s.endswith("_student") and s != "no_ema_student"]
+    on_dev = dev[dev.system.isin(baselines) & dev.seed.isin(seeds)].groupby("system").uar.mean()
+    best = on_dev.idxmax() if len(on_dev) else None
+
+    def margin(a, b, table=uar) -> float:
+        both = table[[a, b]].dropna() if a in table and b in table else pd.DataFrame()
+        return float((both[a] - both[b]).mean()) if len(both) else float("nan")
+    half = ((test.uar_ci_hi - test.uar_ci_lo) / 2).groupby(test.system).mean()
+    per_transfer = uar.groupby(level="transfer").mean()
+    above = int((per_transfer["adapted"] > per_transfer[list(TEACHERS)].max(axis=1)).sum())
+    checks = [("widest test CI half-width (every system)", half.max(), "≤ 0.03", half.max() <= 0.03),
+              ("adapted − fused_label", margin("adapted", "fused_label"), "≥ +0.02", None),
+              ("adapted − lalm_zero_shot", margin("adapted", "lalm_zero_shot"), "≥ +0.05", None)]
+    if best is not None:
+        checks.append((f"adapted − best baseline on dev ({best})", margin("adapted", best), "≥ +0.03", None))
+    checks += [("adapted_by_speaker − lalm_zero_shot_by_speaker",
+                margin("adapted" + BY_SPEAKER, "lalm_zero_shot" + BY_SPEAKER), "≥ 0", None),
+               ("adapted WA − lalm_zero_shot WA", margin("adapted", "lalm_zero_shot", wa), "≥ −0.05 (else said)", None)]
+    need = {"≥ +0.02": 0.02, "≥ +0.05": 0.05, "≥ +0.03": 0.03, "≥ 0": 0.0, "≥ −0.05 (else said)": -0.05}
+    rows = [{"check": name, "value": f"{value:+.3f}" if "CI" not in name else f"{value:.3f}", "target": target,
+             "met": bool(met) if met is not None else bool(value >= need[target])}
+            for name, value, target, met in checks]
+    rows.append({"check": "transfers where adapted is above both teachers", "value": f"{above} of {len(per_transfer)}",
+                 "target": "all", "met": above == len(per_transfer)})
+    return pd.DataFrame(rows)
+
+
+def write_summary(table: pd.DataFrame, out: str, settings=()) -> str:
+    """``<record>_summary.md``: for the six transfers and for the validation domains, every system over
+    the seeds that finished them, and the targets checked (what the record means, in one page)."""
+    from mifuse_ray.report import markdown_table
+    full = table[table.n_adapt == table.n_adapt.max()]
+    text = [f"# Paper scale: what `{record_name(settings)}` says\n",
+            "Test UAR per transfer is the mean over the finished seeds; an average is mean ± std over the seeds "
+            "that finished every transfer of its group; the CI is one test split's clip-bootstrap 95% half-width. "
+            "Targets from issue #41; the best baseline is chosen on dev, never on test.\n"]
+    for title, part in (("Six transfers", ~full.transfer.str.contains("validation")),
+                        ("Validation domains", full.transfer.str.contains("validation"))):
+        group = full[part]
+        test, dev = group[group.split == "test"], group[group.split == "dev"]
+        if test.empty:
+            continue
+        transfers = set(test.transfer)
+        shipped = test[test.system == "adapted"]
+        seeds = sorted(seed for seed, g in shipped.groupby("seed") if set(g.transfer) == transfers)
+        text += [f"## {title} (seeds {', '.join(map(str, seeds)) or 'none complete'})\n",
+                 markdown_table(system_table(test, seeds)), "",
+                 markdown_table(target_checks(test, dev, seeds)), ""]
+    path = os.path.join(out, record_name(settings).replace(".csv", "_summary.md"))
+    with open(path, "w") as fh:
+        fh.write("\n".join(text))
+    return path
 
 
 def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:

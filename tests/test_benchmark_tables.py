@@ -330,6 +330,35 @@ def test_the_table_states_the_clip_bootstrap_ci_beside_the_seed_spread(tmp_path)
     assert again[("a→b", 1, "main")]["test"]["fused_label"]["uar_ci95"] == pytest.approx([0.54, 0.66])
 
 
+def test_the_paper_scale_summary_checks_the_targets_and_picks_the_best_baseline_on_dev(tmp_path):
+    """The summary's margins are means over the cells the shipped model ran; the best baseline is the one
+    dev ranks first even where another is better on test; a seed missing a transfer is not averaged."""
+    from benchmarks.paper_scale import target_checks, write_summary
+    rows = []
+    for seed in (0, 1):
+        for transfer, lift in (("a→b", 0.0), ("b→a", 0.1)):
+            for system, uar in (("adapted", 0.60), ("fused_label", 0.57), ("lalm_zero_shot", 0.50),
+                                ("source_only", 0.45), ("x_student", 0.58), ("y_student", 0.50),
+                                ("adapted_by_speaker", 0.66), ("lalm_zero_shot_by_speaker", 0.68)):
+                rows.append({"system": system, "transfer": transfer, "seed": seed, "n_adapt": 2400, "split": "test",
+                             "uar": uar + lift, "uar_ci_lo": uar + lift - 0.02, "uar_ci_hi": uar + lift + 0.02,
+                             "wa": uar + lift - 0.2 * (system == "adapted")})
+            rows += [{"system": "x_student", "transfer": transfer, "seed": seed, "n_adapt": 2400, "split": "dev",
+                      "uar": 0.40}, {"system": "y_student", "transfer": transfer, "seed": seed, "n_adapt": 2400,
+                                     "split": "dev", "uar": 0.60}]
+    rows.append(dict(rows[0], seed=2))                                   # seed 2 ran one transfer only
+    table = pd.DataFrame(rows)
+    checks = target_checks(table[table.split == "test"], table[table.split == "dev"], [0, 1]).set_index("check")
+    assert checks.loc["adapted − fused_label", "value"] == "+0.030" and checks.loc["adapted − fused_label", "met"]
+    assert checks.loc["adapted − best baseline on dev (y_student)", "value"] == "+0.100"      # not x, test's best
+    assert not checks.loc["adapted_by_speaker − lalm_zero_shot_by_speaker", "met"]
+    assert not checks.loc["adapted WA − lalm_zero_shot WA", "met"]                           # 0.1 below: said
+    assert checks.loc["widest test CI half-width (every system)", "met"]
+    assert checks.loc["transfers where adapted is above both teachers", "value"] == "2 of 2"
+    text = open(write_summary(table, str(tmp_path))).read()
+    assert "## Six transfers (seeds 0, 1)" in text and "0.650 ± 0.000" in text
+
+
 def test_the_paper_scale_differences_are_paired_on_the_same_clips():
     """adapted − each teacher and the best baseline, with a paired bootstrap CI that holds the difference;
     a system right on every clip the other misses gives a CI above 0."""
