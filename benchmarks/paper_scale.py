@@ -30,9 +30,14 @@ import yaml
 
 from benchmarks.common import mean_std, merge_record, results_dir, runs_dir
 from benchmarks.transfers import BASELINES, BY_SPEAKER, TEACHERS, TRANSFER_DOMAINS, run_cell, settings_tag
+from mifuse_ray.demo.domains import PAPER_SPEAKERS, DomainConfig
 
 VALIDATION_TRANSFERS = [("acted_studio", "meeting_room"), ("call_centre", "voice_notes")]
 COLUMNS = ["system", "transfer", "seed", "n_adapt", "split", "uar", "uar_ci_lo", "uar_ci_hi", "wa"]
+# the paper tier's adaptation clips: the summary and the dev ranking are about these cells, the learning
+# curve's smaller and larger adaptation sets are the curve's
+PAPER_N_ADAPT = PAPER_SPEAKERS["adapt"] * DomainConfig.clips_per_speaker
+CURVE_SYSTEMS = ("adapted", "fused_label", "lalm_zero_shot", "source_only")
 
 
 def transfer_name(source: str, target: str) -> str:
@@ -172,6 +177,7 @@ def main(argv=None) -> None:
                      differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
         write_ranking(table, args.out, settings)
         write_summary(table, args.out, settings)
+        write_curve(table, args.out, settings)
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
 
 
@@ -237,7 +243,7 @@ def write_summary(table: pd.DataFrame, out: str, settings=()) -> str:
     """``<record>_summary.md``: for the six transfers and for the validation domains, every system over
     the seeds that finished them, and the targets checked (what the record means, in one page)."""
     from mifuse_ray.report import markdown_table
-    full = table[table.n_adapt == table.n_adapt.max()]
+    full = table[table.n_adapt == PAPER_N_ADAPT]
     text = [f"# Paper scale: what `{record_name(settings)}` says\n",
             "Test UAR per transfer is the mean over the finished seeds; an average is mean ± std over the seeds "
             "that finished every transfer of its group; the CI is one test split's clip-bootstrap 95% half-width. "
@@ -264,7 +270,7 @@ def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:
     """``<record>_dev_ranking.md``: ``dev_ranking`` of the systems of the paper-scale cells (the learning curve's
     smaller adaptation sets left out)."""
     from mifuse_ray.report import markdown_table
-    full = table[table.n_adapt == table.n_adapt.max()]
+    full = table[table.n_adapt == PAPER_N_ADAPT]
     name = record_name(settings).replace(".csv", "_dev_ranking.md")
     text = (f"# Students ranked on dev (`{record_name(settings)}`)\n\nMean UAR over the cells with both a dev and a test "
             "score; dev is the half of the dev split that monitors the students (200 clips a cell at paper scale), "
@@ -272,6 +278,74 @@ def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:
             + markdown_table(dev_ranking(full).round(3)) + "\n")
     with open(os.path.join(out, name), "w") as fh:
         fh.write(text)
+
+
+def curve_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The learning curve: per transfer that has more than one adaptation size, the test UAR of the adapted
+    model, its labels, both teachers and each baseline student at every size (seed 0, the curve's seed),
+    with the adapted model's margin over its labels and the clip-bootstrap CI half-width of that margin's
+    two terms."""
+    test = table[(table.split == "test") & (table.seed == 0) & ~table.system.str.endswith(BY_SPEAKER)]
+    sizes = test.groupby("transfer").n_adapt.nunique()
+    test = test[test.transfer.isin(sizes[sizes > 1].index)]
+    systems = [*CURVE_SYSTEMS, *sorted(s for s in test.system.unique() if s.endswith("_student"))]
+    wide = test.pivot_table(index=["transfer", "n_adapt"], columns="system", values="uar")
+    wide = wide[[s for s in systems if s in wide.columns]]
+    half = test.assign(half=(test.uar_ci_hi - test.uar_ci_lo) / 2).pivot_table(
+        index=["transfer", "n_adapt"], columns="system", values="half")
+    if "adapted" in wide and "fused_label" in wide:
+        wide["adapted − fused_label"] = wide["adapted"] - wide["fused_label"]
+        wide["CI (adapted, labels)"] = [f"±{a:.3f}, ±{f:.3f}" for a, f in zip(half["adapted"], half["fused_label"])]
+    return wide.reset_index()
+
+
+def crossing(curve: pd.DataFrame, transfer: str) -> str:
+    """Where the adapted model crosses its labels on ``transfer``: the smallest adaptation size from which it
+    stays at or above them at every larger size, in words."""
+    g = curve[curve.transfer == transfer].sort_values("n_adapt").dropna(subset=["adapted − fused_label"])
+    above = (g["adapted − fused_label"] >= 0).tolist()
+    for i in range(len(above)):
+        if all(above[i:]):
+            return (f"at or above its labels from {g.n_adapt.iloc[i]:,} clips" if i else
+                    f"at or above its labels at every size ({g.n_adapt.min():,}–{g.n_adapt.max():,} clips)")
+    return f"below its labels at {g.n_adapt.max():,} clips, the largest size run"
+
+
+def write_curve(table: pd.DataFrame, out: str, settings=()) -> str | None:
+    """``<record>_curve.md`` and ``_curve.png``: ``curve_table`` with where the adapted model crosses its
+    labels, per transfer; nothing until some transfer has a second adaptation size."""
+    from mifuse_ray.report import _pyplot, markdown_table
+    curve = curve_table(table)
+    if curve.empty:
+        return None
+    stem = os.path.join(out, record_name(settings).replace(".csv", "_curve"))
+    transfers = list(curve.transfer.unique())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(transfers), figsize=(5 * len(transfers), 3.8), squeeze=False, sharey=True)
+    for ax, transfer in zip(axes[0], transfers):
+        g = curve[curve.transfer == transfer].sort_values("n_adapt")
+        for system in [c for c in g.columns if c in CURVE_SYSTEMS or c.endswith("_student")]:
+            ax.plot(g.n_adapt, g[system], marker="o", label=system, lw=2.5 if system == "adapted" else 1.2)
+        ax.set_xscale("log")
+        ax.set_xticks(g.n_adapt.tolist(), [f"{n:,}" for n in g.n_adapt])
+        ax.minorticks_off()
+        ax.set_title(transfer, fontsize=9)
+        ax.set_xlabel("adaptation clips")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test UAR (seed 0)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    plt.close(fig)
+    text = [f"# Learning curve (`{record_name(settings)}`)\n",
+            "Test UAR at seed 0 on the same test clips (1,000 a transfer) for every adaptation size; the CI "
+            "column is each term's clip-bootstrap 95% half-width. Each size is its own labelling of new "
+            "adaptation speakers (50 clips each); the dev and test splits are unchanged.\n",
+            *[f"- {t}: the adapted model is {crossing(curve, t)}." for t in transfers], "",
+            markdown_table(curve.round(3)), "", f"![learning curve]({os.path.basename(stem)}.png)", ""]
+    with open(stem + ".md", "w") as fh:
+        fh.write("\n".join(text))
+    return stem + ".md"
 
 
 if __name__ == "__main__":

@@ -421,3 +421,29 @@ def test_speaker_features_centres_each_speaker_and_chooses_on_dev(tmp_path):
     per_clip = students[students.arm == "per_clip"]
     best = per_clip.loc[per_clip.dev_uar.idxmax()]
     assert f"among the per-clip arms (no speaker at inference): **{best.targets} / {best.arm}**" in text
+
+def test_the_learning_curve_finds_where_the_adapted_model_crosses_its_labels(tmp_path):
+    """Only transfers with more than one adaptation size are a curve; the crossing is the size from which the
+    adapted model stays at or above its labels; the summary keeps to the paper tier's 2,400 clips."""
+    from benchmarks.paper_scale import crossing, curve_table, write_curve, write_summary
+    rows = []
+    for transfer, sizes in (("a→b", (300, 2400, 4800)), ("b→a", (2400,))):
+        for n in sizes:
+            gap = {300: -0.05, 2400: 0.01, 4800: 0.03}[n]
+            for system, uar in (("adapted", 0.60 + gap), ("fused_label", 0.60), ("lalm_zero_shot", 0.5),
+                                ("source_only", 0.45), ("x_student", 0.55), ("adapted_by_speaker", 0.7)):
+                rows.append({"system": system, "transfer": transfer, "seed": 0, "n_adapt": n, "split": "test",
+                             "uar": uar, "uar_ci_lo": uar - 0.03, "uar_ci_hi": uar + 0.03, "wa": uar})
+    table = pd.DataFrame(rows)
+    curve = curve_table(table)
+    assert list(curve.transfer.unique()) == ["a→b"] and list(curve.n_adapt) == [300, 2400, 4800]
+    assert "adapted_by_speaker" not in curve and curve["x_student"].tolist() == [0.55] * 3
+    assert curve["adapted − fused_label"].round(3).tolist() == [-0.05, 0.01, 0.03]
+    assert crossing(curve, "a→b") == "at or above its labels from 2,400 clips"
+    below = curve.assign(**{"adapted − fused_label": [-0.05, 0.01, -0.01]})
+    assert crossing(below, "a→b") == "below its labels at 4,800 clips, the largest size run"
+    text = open(write_curve(table, str(tmp_path))).read()
+    assert "from 2,400 clips" in text and (tmp_path / "paper_scale_curve.png").exists()
+    summary = open(write_summary(table, str(tmp_path))).read()
+    assert "| adapted | 0.610 | 0.610 | 0.610 |" in summary and "+0.010" in summary   # 2,400 clips only
+    assert write_curve(table[table.transfer == "b→a"], str(tmp_path / "none")) is None
