@@ -14,7 +14,9 @@ its audio streamed (decoded again each epoch, ``train.ingest stream``, the defau
 Each (N, stage) cell runs in a fresh local Ray cluster. Memory is sampled every second: the
 driver's RSS (its peak, and ``driver_rss_mb``: what it still holds once the stage has returned),
 over the whole cluster the sum of PSS of this user's Ray processes and the driver (shared
-object-store pages counted once), and the object store's used bytes.
+object-store pages counted once), and the object store's used bytes. A labelling cell also writes where the
+CPU went (``labeling_cpu.csv``: CPU seconds per part of the pipeline, per clip and as a share of cores × wall,
+from each process's CPU times between the first and last sample).
 The bound column is the source stage's own rate: the same model, K and scope on clips already
 decoded in memory, in one process with both cores, so ``ratio_to_bound`` is the pipeline's
 overhead (decoding, Arrow blocks, the LALM stage, fusion, writing).
@@ -37,7 +39,16 @@ from benchmarks.common import commit, machine, runs_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale", "scale.csv")
+CPU_RESULTS = os.path.join(HERE, "results", "scale", "labeling_cpu.csv")
 STAGES = ("labeling", "student_epoch", "student_epoch_materialized")
+CPU_COLUMNS = ["n_clips", "stage", "part", "cpu_s", "cpu_ms_per_clip", "share", "wall_s", "machine", "commit"]
+# where a process's CPU goes, by its Ray process title (the first pattern it contains) or, for the stand-in
+# LALM, by being the driver's multiprocessing child
+CPU_PARTS = (("SourceTeacherStage", "read, decode and source model (one fused actor stage)"),
+             ("LALMStage", "LALM client (encode, HTTP, cache)"), ("spawn_main", "stand-in LALM endpoint"),
+             ("ShardWriter", "shard writer"), ("_fuse_one", "fusion fit and map"), ("_Holder", "fusion fit and map"),
+             ("ray::", "Ray's own actors and idle workers"), ("raylet", "Ray's own processes"),
+             ("gcs_server", "Ray's own processes"), ("ray/", "Ray's own processes"))
 COLUMNS = ["n_clips", "stage", "clips_per_s", "peak_rss_mb", "driver_peak_rss_mb", "object_store_peak_mb",
            "seconds", "bound_clips_per_s", "ratio_to_bound", "settings", "machine", "commit", "driver_rss_mb"]
 
@@ -47,6 +58,9 @@ class MemorySampler:
 
     def __init__(self, interval_s: float = 1.0):
         self.interval_s, self.peaks = interval_s, {"driver": 0.0, "cluster": 0.0, "object_store": 0.0}
+        # pid → [what it is, CPU seconds when first seen, CPU seconds when last seen]; a Ray worker's title
+        # says which stage it runs ("ray::IDLE" between tasks keeps the last one)
+        self.cpu: dict[int, list] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -71,17 +85,47 @@ class MemorySampler:
         self.peaks["driver"] = max(self.peaks["driver"], me.memory_info().rss / 2**20)
         total = 0.0
         children = {c.pid for c in me.children(recursive=True)}     # Ray's own processes, the stand-in LALM
-        for proc in psutil.process_iter(["pid", "username", "cmdline"]):
+        for proc in psutil.process_iter(["pid", "username", "cmdline", "cpu_times"]):
             try:
                 if proc.info["username"] != me.username():
                     continue
-                if proc.pid != me.pid and proc.pid not in children and "ray" not in " ".join(proc.info["cmdline"] or []):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if proc.pid != me.pid and proc.pid not in children and "ray" not in cmdline:
                     continue
                 total += proc.memory_full_info().pss / 2**20
+                self._count_cpu(proc.pid, "driver" if proc.pid == me.pid else cmdline, proc.info["cpu_times"])
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         self.peaks["cluster"] = max(self.peaks["cluster"], total)
         self.peaks["object_store"] = max(self.peaks["object_store"], object_store_used_mb())
+
+    def _count_cpu(self, pid: int, what: str, times) -> None:
+        seconds = times.user + times.system
+        seen = self.cpu.setdefault(pid, [what, seconds, seconds])
+        if what.strip() and not what.startswith("ray::IDLE"):
+            seen[0] = what
+        seen[2] = seconds
+
+    def cpu_by_part(self) -> dict[str, float]:
+        """CPU seconds spent while sampling, per part of the pipeline (``CPU_PARTS``). A process born
+        between two samples loses at most its first interval."""
+        parts: dict[str, float] = {}
+        for what, first, last in self.cpu.values():
+            part = "driver" if what == "driver" else next((name for pattern, name in CPU_PARTS if pattern in what),
+                                                          "other")
+            parts[part] = parts.get(part, 0.0) + last - first
+        return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
+def cpu_rows(n: int, stage: str, parts: dict[str, float], wall_s: float) -> list[dict]:
+    """``labeling_cpu.csv`` rows: each part's CPU seconds, per clip, and its share of the machine's CPU
+    seconds over the stage (cores × wall), the idle rest as its own row."""
+    cores = os.cpu_count() or 1
+    rows = [{"part": part, "cpu_s": seconds} for part, seconds in parts.items()]
+    rows.append({"part": "idle", "cpu_s": max(cores * wall_s - sum(parts.values()), 0.0)})
+    return [dict(r, n_clips=n, stage=stage, cpu_s=round(r["cpu_s"], 1), cpu_ms_per_clip=round(1000 * r["cpu_s"] / n, 3),
+                 share=round(r["cpu_s"] / (cores * wall_s), 3), wall_s=round(wall_s, 1), machine=machine(),
+                 commit=commit()) for r in rows]
 
 
 def object_store_used_mb() -> float:
@@ -189,7 +233,7 @@ def run_student_epoch(cfg, out: str, checkpoint: str) -> tuple[float, float]:
     return res.history[0]["epoch_seconds"], time.time() - start
 
 
-def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
+def run_cell(n: int, stage: str, work: str, bound: float | None, cpu_results: str = CPU_RESULTS) -> dict:
     import ray
 
     from mifuse_ray.inputs import demo_paths
@@ -209,6 +253,9 @@ def run_cell(n: int, stage: str, work: str, bound: float | None) -> dict:
                 seconds, wall = run_student_epoch(cfg, out, checkpoint)
     finally:
         ray.shutdown()
+    if stage == "labeling":
+        from benchmarks.common import merge_record
+        merge_record(cpu_results, cpu_rows(n, stage, mem.cpu_by_part(), wall), CPU_COLUMNS, ["n_clips", "stage", "part"])
     rate = n / seconds
     settings = (f"K={cfg.source.passes_per_clip} scope={cfg.source.mc_scope} N={cfg.lalm.answers_per_clip} "
                 "stand-in benchmark mode, in its own process"
@@ -245,7 +292,8 @@ def main() -> None:
                 from mifuse_ray.inputs import demo_paths
                 cfg = bench_config()
                 bound = source_bound(demo_paths(cfg)[1], make_clips(args.work, n), cfg)
-            row = run_cell(n, stage, args.work, bound if stage == "labeling" else None)
+            row = run_cell(n, stage, args.work, bound if stage == "labeling" else None,
+                           os.path.join(os.path.dirname(args.results), os.path.basename(CPU_RESULTS)))
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             done.to_csv(args.results, index=False)          # partial results survive an interruption
             print(f"{n:>6} {stage:<14} {row['clips_per_s']:>8.1f} clips/s  cluster peak {row['peak_rss_mb']} MB  "

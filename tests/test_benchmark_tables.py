@@ -447,3 +447,24 @@ def test_the_learning_curve_finds_where_the_adapted_model_crosses_its_labels(tmp
     summary = open(write_summary(table, str(tmp_path))).read()
     assert "| adapted | 0.610 | 0.610 | 0.610 |" in summary and "+0.010" in summary   # 2,400 clips only
     assert write_curve(table[table.transfer == "b→a"], str(tmp_path / "none")) is None
+
+
+def test_the_scale_benchmark_charges_each_process_cpu_to_the_stage_its_title_names():
+    """A Ray worker keeps the stage it ran while it idles between tasks; CPU spent before the first sample
+    is not charged; the idle rest of cores × wall is its own row."""
+    from collections import namedtuple
+
+    from benchmarks.scale import MemorySampler, cpu_rows
+    t = namedtuple("t", "user system")
+    mem = MemorySampler()
+    for pid, what, first, last in ((1, "ray::MapWorker(MapBatches(LALMStage))", 0.0, 3.0),
+                                   (2, "ray::MapWorker(MapBatches(slice_rows)->MapBatches(SourceTeacherStage))", 1.0, 9.0),
+                                   (3, "driver", 10.0, 11.0)):
+        mem._count_cpu(pid, what, t(first, 0.0))
+        mem._count_cpu(pid, "ray::IDLE", t(last / 2, last / 2))
+    parts = mem.cpu_by_part()
+    assert list(parts) == ["read, decode and source model (one fused actor stage)", "LALM client (encode, HTTP, cache)",
+                           "driver"] and parts["driver"] == 1.0
+    rows = {r["part"]: r for r in cpu_rows(100, "labeling", parts, wall_s=20.0)}
+    cores = os.cpu_count() or 1
+    assert rows["idle"]["cpu_s"] == round(cores * 20.0 - 12.0, 1) and rows["driver"]["cpu_ms_per_clip"] == 10.0

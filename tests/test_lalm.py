@@ -202,3 +202,15 @@ def test_stage_closes_its_http_session_when_ray_data_deletes_it():
             assert session.closed
     finally:
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_request_body_is_the_json_of_the_request_with_the_audio_spliced_in():
+    """The audio is not passed through the JSON encoder; the bytes sent are still exactly the JSON of the
+    request a user would write, with a prompt that quotes and escapes."""
+    import base64
+    import json
+    lalm = resolve_endpoint(LALMConfig(prompt='Say "angry"\nor \\ calm'), DEFAULT_LABELS, "http://127.0.0.1:9/v1")
+    audio = base64.b64encode(encode_wav(np.zeros(160, np.float32), 16000))
+    body = json.loads(LALMClient(lalm, None)._body(audio, 3, 7))
+    assert body["n"] == 3 and body["seed"] == 7 and body["messages"][0]["content"][0]["text"] == lalm.prompt
+    assert body["messages"][0]["content"][1]["input_audio"] == {"data": audio.decode(), "format": "wav"}
