@@ -282,7 +282,7 @@ def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:
 
 def curve_table(table: pd.DataFrame) -> pd.DataFrame:
     """The learning curve: per transfer that has more than one adaptation size, the test UAR of the adapted
-    model, its labels, both teachers and each baseline student at every size (seed 0, the curve's seed),
+    model, its labels, both teachers and each baseline student that ran at every size (seed 0, the curve's seed),
     with the adapted model's margin over its labels and the clip-bootstrap CI half-width of that margin's
     two terms."""
     test = table[(table.split == "test") & (table.seed == 0) & ~table.system.str.endswith(BY_SPEAKER)]
@@ -291,6 +291,7 @@ def curve_table(table: pd.DataFrame) -> pd.DataFrame:
     systems = [*CURVE_SYSTEMS, *sorted(s for s in test.system.unique() if s.endswith("_student"))]
     wide = test.pivot_table(index=["transfer", "n_adapt"], columns="system", values="uar")
     wide = wide[[s for s in systems if s in wide.columns]]
+    wide = wide.drop(columns=[s for s in wide.columns if s.endswith("_student") and wide[s].isna().any()])
     half = test.assign(half=(test.uar_ci_hi - test.uar_ci_lo) / 2).pivot_table(
         index=["transfer", "n_adapt"], columns="system", values="half")
     if "adapted" in wide and "fused_label" in wide:

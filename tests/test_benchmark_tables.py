@@ -434,10 +434,11 @@ def test_the_learning_curve_finds_where_the_adapted_model_crosses_its_labels(tmp
                                 ("source_only", 0.45), ("x_student", 0.55), ("adapted_by_speaker", 0.7)):
                 rows.append({"system": system, "transfer": transfer, "seed": 0, "n_adapt": n, "split": "test",
                              "uar": uar, "uar_ci_lo": uar - 0.03, "uar_ci_hi": uar + 0.03, "wa": uar})
+    rows.append(dict(rows[-1], system="y_student", n_adapt=2400, transfer="a→b"))   # a baseline at one size only
     table = pd.DataFrame(rows)
     curve = curve_table(table)
     assert list(curve.transfer.unique()) == ["a→b"] and list(curve.n_adapt) == [300, 2400, 4800]
-    assert "adapted_by_speaker" not in curve and curve["x_student"].tolist() == [0.55] * 3
+    assert "adapted_by_speaker" not in curve and "y_student" not in curve and curve["x_student"].tolist() == [0.55] * 3
     assert curve["adapted − fused_label"].round(3).tolist() == [-0.05, 0.01, 0.03]
     assert crossing(curve, "a→b") == "at or above its labels from 2,400 clips"
     below = curve.assign(**{"adapted − fused_label": [-0.05, 0.01, -0.01]})
