@@ -173,11 +173,11 @@ def main(argv=None) -> None:
         rows += long_rows(results, name, seed, baselines)
         differences += difference_rows(results, name, seed, baselines)
         table = write_record(rows, args.out, settings)
-        merge_record(os.path.join(args.out, record_name(settings, "paper_scale_differences")),
-                     differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
+        paired = merge_record(os.path.join(args.out, record_name(settings, "paper_scale_differences")),
+                              differences, DIFFERENCE_COLUMNS, ["comparison", "transfer", "seed", "n_adapt"])
         write_ranking(table, args.out, settings)
         write_summary(table, args.out, settings)
-        write_curve(table, args.out, settings)
+        write_curve(table, args.out, settings, paired)
         print(f"{len(table)} rows in {os.path.join(args.out, record_name(settings))}", flush=True)
 
 
@@ -280,11 +280,11 @@ def write_ranking(table: pd.DataFrame, out: str, settings=()) -> None:
         fh.write(text)
 
 
-def curve_table(table: pd.DataFrame) -> pd.DataFrame:
+def curve_table(table: pd.DataFrame, differences: pd.DataFrame | None = None) -> pd.DataFrame:
     """The learning curve: per transfer that has more than one adaptation size, the test UAR of the adapted
     model, its labels, both teachers and each baseline student that ran at every size (seed 0, the curve's seed),
-    with the adapted model's margin over its labels and the clip-bootstrap CI half-width of that margin's
-    two terms."""
+    with the adapted model's margin over its labels and, from ``differences`` (``difference_rows``), that
+    margin's paired-bootstrap 95% CI on the same test clips."""
     test = table[(table.split == "test") & (table.seed == 0) & ~table.system.str.endswith(BY_SPEAKER)]
     sizes = test.groupby("transfer").n_adapt.nunique()
     test = test[test.transfer.isin(sizes[sizes > 1].index)]
@@ -292,11 +292,13 @@ def curve_table(table: pd.DataFrame) -> pd.DataFrame:
     wide = test.pivot_table(index=["transfer", "n_adapt"], columns="system", values="uar")
     wide = wide[[s for s in systems if s in wide.columns]]
     wide = wide.drop(columns=[s for s in wide.columns if s.endswith("_student") and wide[s].isna().any()])
-    half = test.assign(half=(test.uar_ci_hi - test.uar_ci_lo) / 2).pivot_table(
-        index=["transfer", "n_adapt"], columns="system", values="half")
     if "adapted" in wide and "fused_label" in wide:
         wide["adapted − fused_label"] = wide["adapted"] - wide["fused_label"]
-        wide["CI (adapted, labels)"] = [f"±{a:.3f}, ±{f:.3f}" for a, f in zip(half["adapted"], half["fused_label"])]
+        if differences is not None and not differences.empty:
+            paired = differences[(differences.comparison == "adapted - fused_label") & (differences.seed == 0)]
+            paired = paired.set_index(["transfer", "n_adapt"])
+            wide["paired 95% CI"] = [f"[{paired.ci_lo[k]:+.3f}, {paired.ci_hi[k]:+.3f}]" if k in paired.index else ""
+                                     for k in wide.index]
     return wide.reset_index()
 
 
@@ -312,11 +314,11 @@ def crossing(curve: pd.DataFrame, transfer: str) -> str:
     return f"below its labels at {g.n_adapt.max():,} clips, the largest size run"
 
 
-def write_curve(table: pd.DataFrame, out: str, settings=()) -> str | None:
+def write_curve(table: pd.DataFrame, out: str, settings=(), differences: pd.DataFrame | None = None) -> str | None:
     """``<record>_curve.md`` and ``_curve.png``: ``curve_table`` with where the adapted model crosses its
     labels, per transfer; nothing until some transfer has a second adaptation size."""
     from mifuse_ray.report import _pyplot, markdown_table
-    curve = curve_table(table)
+    curve = curve_table(table, differences)
     if curve.empty:
         return None
     stem = os.path.join(out, record_name(settings).replace(".csv", "_curve"))
@@ -340,7 +342,7 @@ def write_curve(table: pd.DataFrame, out: str, settings=()) -> str | None:
     plt.close(fig)
     text = [f"# Learning curve (`{record_name(settings)}`)\n",
             "Test UAR at seed 0 on the same test clips (1,000 a transfer) for every adaptation size; the CI "
-            "column is each term's clip-bootstrap 95% half-width. Each size is its own labelling of new "
+            "is the paired clip-bootstrap 95% CI of the adapted model's margin over its labels. Each size is its own labelling of new "
             "adaptation speakers (50 clips each); the dev and test splits are unchanged.\n",
             *[f"- {t}: the adapted model is {crossing(curve, t)}." for t in transfers], "",
             markdown_table(curve.round(3)), "", f"![learning curve]({os.path.basename(stem)}.png)", ""]

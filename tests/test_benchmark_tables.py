@@ -443,8 +443,11 @@ def test_the_learning_curve_finds_where_the_adapted_model_crosses_its_labels(tmp
     assert crossing(curve, "a→b") == "at or above its labels from 2,400 clips"
     below = curve.assign(**{"adapted − fused_label": [-0.05, 0.01, -0.01]})
     assert crossing(below, "a→b") == "below its labels at 4,800 clips, the largest size run"
-    text = open(write_curve(table, str(tmp_path))).read()
-    assert "from 2,400 clips" in text and (tmp_path / "paper_scale_curve.png").exists()
+    paired = pd.DataFrame([{"comparison": "adapted - fused_label", "transfer": "a→b", "seed": 0, "n_adapt": 300,
+                            "diff": -0.05, "ci_lo": -0.08, "ci_hi": -0.02}])
+    assert curve_table(table, paired)["paired 95% CI"].tolist() == ["[-0.080, -0.020]", "", ""]
+    text = open(write_curve(table, str(tmp_path), differences=paired)).read()
+    assert "from 2,400 clips" in text and "[-0.080, -0.020]" in text and (tmp_path / "paper_scale_curve.png").exists()
     summary = open(write_summary(table, str(tmp_path))).read()
     assert "| adapted | 0.610 | 0.610 | 0.610 |" in summary and "+0.010" in summary   # 2,400 clips only
     assert write_curve(table[table.transfer == "b→a"], str(tmp_path / "none")) is None
