@@ -13,10 +13,11 @@ its audio streamed (decoded again each epoch, ``train.ingest stream``, the defau
 
 Each (N, stage) cell runs in a fresh local Ray cluster. Memory is sampled every second: the
 driver's RSS (its peak, and ``driver_rss_mb``: what it still holds once the stage has returned),
-over the whole cluster the sum of PSS of this user's Ray processes and the driver (shared
-object-store pages counted once), and the object store's used bytes. A labelling cell also writes where the
-CPU went (``labeling_cpu.csv``: CPU seconds per part of the pipeline, per clip and as a share of cores × wall,
-from each process's CPU times between the first and last sample).
+the object store's used bytes and, every 5 s (reading it costs CPU), over the whole cluster the sum
+of PSS of this user's Ray processes and the driver (shared object-store pages counted once). A
+labelling cell also writes where the CPU went (``labeling_cpu.csv``: CPU seconds per part of the
+pipeline, per clip and as a share of cores × wall, from each process's CPU times between the first
+and last sample).
 The bound column is the source stage's own rate: the same model, K and scope on clips already
 decoded in memory, in one process with both cores, so ``ratio_to_bound`` is the pipeline's
 overhead (decoding, Arrow blocks, the LALM stage, fusion, writing).
@@ -56,8 +57,11 @@ COLUMNS = ["n_clips", "stage", "clips_per_s", "peak_rss_mb", "driver_peak_rss_mb
 class MemorySampler:
     """Peak driver RSS, cluster-wide PSS and object-store use, sampled in a background thread."""
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 1.0, pss_every: int = 5):
         self.interval_s, self.peaks = interval_s, {"driver": 0.0, "cluster": 0.0, "object_store": 0.0}
+        # PSS costs the kernel ~7 ms a process to add up (smaps_rollup): read every second it took 0.25 s of
+        # CPU a sample, an eighth of these 2 cores taken from the stage it measures; every 5th sample, 1/40
+        self.pss_every, self.samples = pss_every, 0
         # pid → [what it is, CPU seconds when first seen, CPU seconds when last seen]; a Ray worker's title
         # says which stage it runs ("ray::IDLE" between tasks keeps the last one)
         self.cpu: dict[int, list] = {}
@@ -83,7 +87,8 @@ class MemorySampler:
         import psutil
         me = psutil.Process()
         self.peaks["driver"] = max(self.peaks["driver"], me.memory_info().rss / 2**20)
-        total = 0.0
+        total, with_pss = 0.0, self.samples % self.pss_every == 0
+        self.samples += 1
         children = {c.pid for c in me.children(recursive=True)}     # Ray's own processes, the stand-in LALM
         for proc in psutil.process_iter(["pid", "username", "cmdline", "cpu_times"]):
             try:
@@ -92,7 +97,8 @@ class MemorySampler:
                 cmdline = " ".join(proc.info["cmdline"] or [])
                 if proc.pid != me.pid and proc.pid not in children and "ray" not in cmdline:
                     continue
-                total += proc.memory_full_info().pss / 2**20
+                if with_pss:
+                    total += proc.memory_full_info().pss / 2**20
                 self._count_cpu(proc.pid, "driver" if proc.pid == me.pid else cmdline, proc.info["cpu_times"])
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
