@@ -37,7 +37,7 @@ COLUMNS = ["system", "transfer", "seed", "n_adapt", "split", "uar", "uar_ci_lo",
 # the paper tier's adaptation clips: the summary and the dev ranking are about these cells, the learning
 # curve's smaller and larger adaptation sets are the curve's
 PAPER_N_ADAPT = PAPER_SPEAKERS["adapt"] * DomainConfig.clips_per_speaker
-CURVE_SYSTEMS = ("adapted", "fused_label", "lalm_zero_shot", "source_only")
+CURVE_SYSTEMS = ("adapted", "fused_label", *TEACHERS)
 
 
 def transfer_name(source: str, target: str) -> str:
